@@ -1,0 +1,224 @@
+"""The saga aggregate: commands that check, decide and record events on one saga."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import NAMESPACE_URL, UUID, uuid5
+
+from eventsourcing.domain import BaseAggregate
+from eventsourcing.utils import register_topic
+
+from orchestrator import events as ev
+from orchestrator.definition import Saga, StepDef
+from orchestrator.machine import (
+    Finish,
+    LeaseExpired,
+    PlanNode,
+    Run,
+    SagaRun,
+    Sleep,
+    StartWait,
+    TimeOut,
+    next_action,
+)
+from orchestrator.retry import RetryPolicy
+from orchestrator.status import SagaState
+
+TOPIC = "sagaworks.Saga"
+
+
+def aggregate_id(saga_id: str) -> UUID:
+    """The aggregate id of a saga id: deterministic, so a repeated start collides."""
+    return uuid5(NAMESPACE_URL, f"sagaworks:saga:{saga_id}")
+
+
+def plan_of(saga: type[Saga[Any]]) -> list[PlanNode]:
+    """The plan recorded in ``SagaStarted``: the saga's nodes in declaration order."""
+    plan: list[PlanNode] = []
+    for node in saga.nodes:
+        if isinstance(node, StepDef):
+            compensation = node.compensation
+            plan.append(
+                PlanNode(
+                    name=node.name,
+                    max_attempts=node.retry.max_attempts,
+                    compensable=compensation is not None,
+                    compensation_max_attempts=compensation.retry.max_attempts if compensation else 1,
+                )
+            )
+        else:
+            plan.append(
+                PlanNode(name=node.name, kind="wait", event=node.event, timeout=node.timeout, on_timeout=node.on_timeout)
+            )
+    return plan
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an attempt ended with: a result, or an error and whether it is retryable."""
+
+    result: Any = None
+    error: str | None = None
+    retryable: bool = True
+    emitted: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Work:
+    """An attempt claimed by a worker: run it, then record its outcome."""
+
+    saga_uuid: UUID
+    kind: str
+    name: str
+    attempt: int
+
+
+class SagaAggregate(BaseAggregate[UUID]):
+    """One saga instance; its state is ``run``, the fold of its events."""
+
+    run: SagaRun
+
+    @classmethod
+    def start(
+        cls, saga: type[Saga[Any]], saga_id: str, input: dict[str, Any], now: datetime, start_at: datetime | None
+    ) -> SagaAggregate:
+        """A new saga, with its ``SagaStarted`` pending."""
+        event = ev.SagaStarted(
+            originator_id=aggregate_id(saga_id),
+            originator_version=cls.INITIAL_VERSION,
+            timestamp=now,
+            originator_topic=TOPIC,
+            saga_id=saga_id,
+            saga=saga.name,
+            input=input,
+            plan=plan_of(saga),
+            start_at=start_at,
+        )
+        aggregate: SagaAggregate = event.mutate(None)
+        aggregate.pending_events.append(event)
+        return aggregate
+
+    def __init__(self) -> None:
+        """Aggregates are made by ``start`` or replay, never directly."""
+
+    def _record(self, event_class: type[ev.SagaEvent], now: datetime, **data: Any) -> None:
+        self.trigger_event(event_class, timestamp=now, **data)
+
+    def advance(
+        self, now: datetime, worker: str, lease: float, policies: dict[tuple[str, str], RetryPolicy], *, claim: bool = True
+    ) -> Work | None:
+        """Record every decision due by ``now``; return the attempt to run, if one is claimed.
+
+        With ``claim=False`` (a worker shutting down) no new attempt is started.
+        """
+        rand = random.Random()
+        for _ in range(4 * len(self.run.nodes) + 8):
+            action = next_action(self.run, now)
+            if isinstance(action, Sleep):
+                return None
+            if isinstance(action, Run):
+                if not claim:
+                    return None
+                started = ev.StepStarted if action.kind == "step" else ev.CompensationStarted
+                lease_until = now + timedelta(seconds=lease)
+                self._record(started, now, name=action.name, attempt=action.attempt, lease_until=lease_until, worker=worker)
+                return Work(self.id, action.kind, action.name, action.attempt)
+            if isinstance(action, StartWait):
+                self._record(ev.WaitStarted, now, name=action.name, event=action.event, timeout_at=action.until)
+            elif isinstance(action, TimeOut):
+                on_timeout = self.run.node(action.name).plan.on_timeout
+                self._record(ev.WaitTimedOut, now, name=action.name, event=action.event, on_timeout=on_timeout)
+            elif isinstance(action, LeaseExpired):
+                error = f"attempt {action.attempt} lost: its worker died or hung (lease expired)"
+                self._fail(action.kind, action.name, action.attempt, error, True, now, policies, rand)
+            elif isinstance(action, Finish):
+                if action.state is SagaState.FAILED:
+                    self._record(ev.SagaFailed, now, error=self.run.error or "a compensation failed")
+                else:
+                    self._record(ev.TERMINAL_EVENTS[action.state], now)
+        raise AssertionError(f"saga {self.run.saga_id} did not settle")  # pragma: no cover
+
+    def record_outcome(
+        self, work: Work, outcome: Outcome, now: datetime, policies: dict[tuple[str, str], RetryPolicy]
+    ) -> bool:
+        """Record the outcome of ``work`` if it is still the attempt in flight; else drop it."""
+        flight = self.run.in_flight
+        if flight is None or (flight.kind, flight.name, flight.attempt) != (work.kind, work.name, work.attempt):
+            return False
+        if outcome.error is None:
+            if work.kind == "step":
+                for emitted in outcome.emitted:
+                    self._record(ev.DomainEventEmitted, now, name=work.name, attempt=work.attempt, event=emitted["name"], data=emitted["data"])
+                self._record(ev.StepSucceeded, now, name=work.name, attempt=work.attempt, result=outcome.result)
+            else:
+                self._record(ev.CompensationSucceeded, now, name=work.name, attempt=work.attempt)
+        else:
+            self._fail(work.kind, work.name, work.attempt, outcome.error, outcome.retryable, now, policies, random.Random())
+        return True
+
+    def _fail(
+        self,
+        kind: str,
+        name: str,
+        attempt: int,
+        error: str,
+        retryable: bool,
+        now: datetime,
+        policies: dict[tuple[str, str], RetryPolicy],
+        rand: random.Random,
+    ) -> None:
+        node = self.run.node(name)
+        if kind == "step":
+            # A step that fails while the saga is already turning back is not retried.
+            limit = node.plan.max_attempts
+            final = not retryable or attempt >= limit or self.run.compensating
+            if final:
+                self._record(ev.StepFailed, now, name=name, attempt=attempt, error=error)
+            else:
+                retry_at = now + timedelta(seconds=policies[(kind, name)].delay(attempt, rand))
+                self._record(ev.StepAttemptFailed, now, name=name, attempt=attempt, error=error, retry_at=retry_at)
+        else:
+            limit = node.plan.compensation_max_attempts
+            if not retryable or attempt >= limit:
+                self._record(ev.CompensationFailed, now, name=name, attempt=attempt, error=error)
+            else:
+                retry_at = now + timedelta(seconds=policies[(kind, name)].delay(attempt, rand))
+                self._record(
+                    ev.CompensationAttemptFailed, now, name=name, attempt=attempt, error=error, retry_at=retry_at
+                )
+
+    def renew(self, work: Work, lease_until: datetime, now: datetime) -> bool:
+        """Extend the lease of ``work`` if it is still the attempt in flight."""
+        flight = self.run.in_flight
+        if flight is None or (flight.kind, flight.name, flight.attempt) != (work.kind, work.name, work.attempt):
+            return False
+        self._record(ev.LeaseRenewed, now, name=work.name, attempt=work.attempt, lease_until=lease_until)
+        return True
+
+    def deliver(self, event: str, data: dict[str, Any], now: datetime) -> None:
+        """Record an event sent to the saga (the caller checked ``run.expects``)."""
+        self._record(ev.EventReceived, now, event=event, data=data)
+
+    def cancel(self, reason: str | None, now: datetime) -> None:
+        """Record a cancellation (the caller checked the saga is not finished)."""
+        self._record(ev.CancelRequested, now, reason=reason)
+
+    def retry(self, now: datetime) -> None:
+        """Resume a failed saga (the caller checked it is ``failed``)."""
+        self._record(ev.SagaRetried, now)
+
+
+register_topic(TOPIC, SagaAggregate)
+
+
+def policies_of(saga: type[Saga[Any]]) -> dict[tuple[str, str], RetryPolicy]:
+    """The retry policy of every step and compensation, keyed by (kind, name)."""
+    policies: dict[tuple[str, str], RetryPolicy] = {}
+    for node in saga.steps():
+        policies[("step", node.name)] = node.retry
+        if node.compensation is not None:
+            policies[("compensation", node.name)] = node.compensation.retry
+    return policies

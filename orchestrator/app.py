@@ -1,0 +1,362 @@
+"""The ``Orchestrator``: owns settings, storage and the saga registry; starts, steers and reads sagas."""
+
+from __future__ import annotations
+
+import builtins
+import threading
+import time
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any
+from uuid import uuid4
+
+from eventsourcing.persistence import IntegrityError
+from pydantic import BaseModel, ValidationError
+
+from orchestrator.aggregate import SagaAggregate, aggregate_id, policies_of
+from orchestrator.definition import Saga
+from orchestrator.errors import (
+    DefinitionError,
+    InvalidInput,
+    InvalidTransition,
+    OrchestratorError,
+    SagaAlreadyStarted,
+    SagaNotFound,
+    UnexpectedEvent,
+    UnknownSaga,
+)
+from orchestrator.retry import RetryPolicy
+from orchestrator.settings import Settings
+from orchestrator.status import HistoryEvent, SagaState, SagaStatus
+from orchestrator.store import Database, EventStore, IndexEntry, open_store, parse_database_url
+
+SagaRef = type[Saga[Any]] | str
+COMMAND_RETRIES = 8
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware (UTC)."""
+    return datetime.now(UTC)
+
+
+def index_entry(aggregate: SagaAggregate) -> IndexEntry:
+    """The index rows of an aggregate as it is now."""
+    run = aggregate.run
+    return IndexEntry(
+        saga_uuid=aggregate.id,
+        saga_id=run.saga_id,
+        saga=run.saga,
+        state=run.state.value,
+        version=aggregate.version,
+        due_at=run.due_at,
+        created_at=run.created_at,
+        updated_at=run.updated_at,
+        doc=run.to_status().model_dump_json().encode(),
+    )
+
+
+class Orchestrator:
+    """Starts sagas, delivers events to them, answers about them, and runs workers.
+
+    ``database`` is a URL (``sqlite:///path``, ``postgresql://...``, ``memory://``); without
+    it ``settings.database_url`` is used, which ``Settings.from_env()`` reads from
+    ``SAGA_DATABASE_URL`` and which defaults to the SQLite file ``sagaworks.db``.
+    """
+
+    def __init__(
+        self,
+        sagas: Iterable[type[Saga[Any]]] = (),
+        database: str | None = None,
+        *,
+        settings: Settings | None = None,
+    ) -> None:
+        self.settings = settings or Settings.from_env()
+        self.database: Database = parse_database_url(database or self.settings.database_url)
+        self.sagas: dict[str, type[Saga[Any]]] = {}
+        self.policies: dict[str, dict[tuple[str, str], RetryPolicy]] = {}
+        for saga in sagas:
+            self.register(saga)
+        self._store: EventStore | None = None
+        self._lock = threading.Lock()
+        self.wakeup = threading.Event()
+        """Set whenever this process records events, so an in-process worker looks for work."""
+
+    # Lifecycle
+
+    def register(self, saga: type[Saga[Any]]) -> None:
+        """Add a saga class to the registry (explicitly: importing a module registers nothing)."""
+        if not (isinstance(saga, type) and issubclass(saga, Saga) and hasattr(saga, "nodes")):
+            raise DefinitionError(f"{saga!r} is not a saga class (subclass Saga[InputModel])")
+        known = self.sagas.get(saga.name)
+        if known is not None and known is not saga:
+            raise DefinitionError(f"two sagas are named {saga.name!r}: {known.__qualname__} and {saga.__qualname__}")
+        self.sagas[saga.name] = saga
+        self.policies[saga.name] = policies_of(saga)
+
+    def open(self) -> Orchestrator:
+        """Open storage (creating its schema if needed). ``with orch:`` does this."""
+        with self._lock:
+            if self._store is None:
+                self._store = open_store(self.database)
+        return self
+
+    def close(self) -> None:
+        """Close storage."""
+        with self._lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+
+    def __enter__(self) -> Orchestrator:
+        return self.open()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    @property
+    def store(self) -> EventStore:
+        """The event store, opened on first use."""
+        return self._store or self.open()._store  # type: ignore[return-value]
+
+    # Commands
+
+    def start(
+        self,
+        saga: SagaRef,
+        input: BaseModel | dict[str, Any],
+        *,
+        saga_id: str | None = None,
+        start_at: datetime | None = None,
+    ) -> str:
+        """Start a saga and return its id; nothing runs until a worker picks it up.
+
+        ``saga_id`` makes the start idempotent: a repeat with the same saga and input returns
+        the id and starts nothing; with a different saga or input it raises ``SagaAlreadyStarted``.
+        """
+        saga_class = self.saga_class(saga)
+        payload = self.validate_input(saga_class, input)
+        if start_at is not None and (not isinstance(start_at, datetime) or start_at.utcoffset() is None):
+            raise InvalidInput(f"start_at must be a timezone-aware datetime, not {start_at!r}")
+        if saga_id is None:
+            saga_id = uuid4().hex
+        elif not isinstance(saga_id, str) or not saga_id.strip() or len(saga_id) > 200:
+            raise InvalidInput(f"saga_id must be a non-empty string of at most 200 characters, not {saga_id!r}")
+        aggregate = SagaAggregate.start(saga_class, saga_id, payload, utcnow(), start_at)
+        try:
+            self.save([aggregate])
+        except IntegrityError:
+            # Either started before, or our own commit landed and its acknowledgement was lost.
+            existing = self._load(saga_id)
+            if existing.run.saga != saga_class.name or existing.run.input != payload:
+                raise SagaAlreadyStarted(
+                    f"saga id {saga_id!r} was already used to start {existing.run.saga} with other input"
+                ) from None
+        return saga_id
+
+    def send(self, saga_id: str, event: str, data: BaseModel | dict[str, Any] | None = None) -> None:
+        """Deliver ``event`` to a saga that waits for it, now or later in its plan.
+
+        Raises ``UnexpectedEvent`` (writing nothing) for an event the saga does not wait for,
+        one already delivered, or a saga that has finished.
+        """
+        if not isinstance(event, str) or not event:
+            raise InvalidInput(f"an event name is a non-empty string, not {event!r}")
+        payload = self._payload(data)
+
+        def deliver(aggregate: SagaAggregate) -> None:
+            run = aggregate.run
+            if not run.expects(event):
+                raise UnexpectedEvent(_why_unexpected(run.saga_id, run.state, event, aggregate))
+            aggregate.deliver(event, payload, utcnow())
+
+        self._command(saga_id, deliver)
+
+    def cancel(self, saga_id: str, reason: str | None = None) -> None:
+        """Cancel a running or waiting saga: what it did is compensated, then it ends ``cancelled``."""
+
+        def cancel(aggregate: SagaAggregate) -> None:
+            run = aggregate.run
+            if run.state.terminal:
+                raise InvalidTransition(f"saga {saga_id!r} is {run.state.value}: there is nothing to cancel")
+            if run.cancel_requested:
+                return
+            if run.compensating:
+                raise InvalidTransition(f"saga {saga_id!r} is already compensating after a failure")
+            aggregate.cancel(reason, utcnow())
+
+        self._command(saga_id, cancel)
+
+    def retry(self, saga_id: str) -> None:
+        """Resume a ``failed`` saga: its failed compensation runs again, then the rest of the undo."""
+
+        def retry(aggregate: SagaAggregate) -> None:
+            if aggregate.run.state is not SagaState.FAILED:
+                raise InvalidTransition(
+                    f"saga {saga_id!r} is {aggregate.run.state.value}: only a failed saga can be retried"
+                )
+            aggregate.retry(utcnow())
+
+        self._command(saga_id, retry)
+
+    # Queries
+
+    def status(self, saga_id: str) -> SagaStatus:
+        """The saga's status, from the status read model (current as soon as ``start`` returns)."""
+        doc = self.store.index.get_status(aggregate_id(saga_id))
+        if doc is None:
+            raise SagaNotFound(f"no saga with id {saga_id!r}")
+        return SagaStatus.model_validate_json(doc)
+
+    def wait(self, saga_id: str, timeout: float | None = None) -> SagaStatus:
+        """Block until the saga is terminal and return its status; ``TimeoutError`` after ``timeout`` s.
+
+        Waiting runs nothing: a worker (``run_worker`` or ``saga worker``) must be running.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.01
+        while True:
+            status = self.status(saga_id)
+            if status.state.terminal:
+                return status
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"saga {saga_id!r} is still {status.state.value} after {timeout} s")
+            time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic())))
+            pause = min(pause * 2, 0.2)
+
+    def list(
+        self, state: SagaState | str | None = None, saga: SagaRef | None = None, limit: int = 100
+    ) -> builtins.list[SagaStatus]:
+        """Sagas, most recently updated first, optionally of one state and one saga."""
+        if state is not None:
+            try:
+                state = SagaState(state)
+            except ValueError:
+                states = ", ".join(s.value for s in SagaState)
+                raise InvalidInput(f"unknown state {state!r}; states are {states}") from None
+        name = None if saga is None else self.saga_class(saga).name
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10_000:
+            raise InvalidInput(f"limit must be an integer from 1 to 10000, not {limit!r}")
+        docs = self.store.index.list_status(None if state is None else state.value, name, limit)
+        return [SagaStatus.model_validate_json(doc) for doc in docs]
+
+    def history(self, saga_id: str) -> builtins.list[HistoryEvent]:
+        """The saga's events in order: its whole life, the truth everything else derives from."""
+        store = self.store
+        stored = store.recorder.select_events(aggregate_id(saga_id))
+        if not stored:
+            raise SagaNotFound(f"no saga with id {saga_id!r}")
+        entries = []
+        for record in stored:
+            event = store.mapper.to_domain_event(record)
+            data = event.model_dump(mode="json", exclude={"originator_id", "originator_version", "timestamp",
+                                                          "originator_topic"})
+            entries.append(
+                HistoryEvent(
+                    type=type(event).__name__,
+                    version=event.originator_version,
+                    timestamp=event.timestamp,
+                    step=event.step,
+                    data=data,
+                )
+            )
+        return entries
+
+    # Workers
+
+    def run_worker(self, wait: bool = True, **options: Any) -> None:
+        """Run steps: with ``wait=False`` drain what is runnable now and return; else run until
+        SIGTERM/SIGINT (or ``stop_worker``), then finish the attempts in hand and return.
+
+        Options override the settings: ``concurrency``, ``batch_size``, ``lease_seconds``,
+        ``poll_interval``, ``worker_id``.
+        """
+        from orchestrator.worker import Worker
+
+        Worker(self, **options).run(drain=not wait)
+
+    # Internals shared with the worker
+
+    def saga_class(self, saga: SagaRef) -> type[Saga[Any]]:
+        """The registered saga class for a class or a name."""
+        name = saga if isinstance(saga, str) else getattr(saga, "name", None)
+        found = self.sagas.get(name) if isinstance(name, str) else None
+        if found is None or (not isinstance(saga, str) and found is not saga):
+            known = ", ".join(sorted(self.sagas)) or "none"
+            raise UnknownSaga(f"unknown saga {saga!r}; registered sagas: {known}")
+        return found
+
+    @staticmethod
+    def validate_input(saga: type[Saga[Any]], data: BaseModel | dict[str, Any]) -> dict[str, Any]:
+        """The input as JSON-native data, after validation by the saga's input model."""
+        model = saga.input_model
+        try:
+            if isinstance(data, model):
+                valid = data
+            elif isinstance(data, BaseModel):
+                valid = model.model_validate(data.model_dump())
+            elif isinstance(data, dict):
+                valid = model.model_validate(data)
+            else:
+                raise InvalidInput(f"{saga.name} takes a {model.__name__} or a dict as input, not {data!r}")
+        except ValidationError as error:
+            raise InvalidInput(f"invalid input for {saga.name}: {error}") from None
+        return valid.model_dump(mode="json")
+
+    @staticmethod
+    def _payload(data: BaseModel | dict[str, Any] | None) -> dict[str, Any]:
+        if data is None:
+            return {}
+        if isinstance(data, BaseModel):
+            return data.model_dump(mode="json")
+        if isinstance(data, dict):
+            try:
+                from pydantic import TypeAdapter
+
+                return TypeAdapter(dict[str, Any]).dump_python(data, mode="json")
+            except Exception as error:
+                raise InvalidInput(f"event data must be JSON-compatible: {error}") from None
+        raise InvalidInput(f"event data is a dict or a pydantic model, not {data!r}")
+
+    def save(self, aggregates: builtins.list[SagaAggregate]) -> None:
+        """Record the aggregates' pending events with their index rows, in one transaction."""
+        self.store.save(*aggregates, index=[index_entry(a) for a in aggregates])
+        self.wakeup.set()
+
+    def load(self, saga_uuid: Any) -> SagaAggregate:
+        """The current aggregate of a saga, by aggregate id."""
+        aggregate: SagaAggregate = self.store.repository.get(saga_uuid)
+        return aggregate
+
+    def _load(self, saga_id: str) -> SagaAggregate:
+        from eventsourcing.application import AggregateNotFoundError
+
+        try:
+            return self.load(aggregate_id(saga_id))
+        except AggregateNotFoundError:
+            raise SagaNotFound(f"no saga with id {saga_id!r}") from None
+
+    def _command(self, saga_id: str, command: Any) -> None:
+        for _ in range(COMMAND_RETRIES):
+            aggregate = self._load(saga_id)
+            command(aggregate)
+            if not aggregate.pending_events:
+                return
+            try:
+                self.save([aggregate])
+                return
+            except IntegrityError:
+                continue  # a worker recorded something meanwhile: reload and decide again
+        raise OrchestratorError(f"saga {saga_id!r} changed {COMMAND_RETRIES} times while recording; try again")
+
+
+def _why_unexpected(saga_id: str, state: SagaState, event: str, aggregate: SagaAggregate) -> str:
+    run = aggregate.run
+    if state.terminal:
+        return f"saga {saga_id!r} is {state.value}: it takes no more events"
+    if event in run.received:
+        return f"saga {saga_id!r} already received {event!r}"
+    if run.compensating:
+        return f"saga {saga_id!r} is compensating: it no longer waits for {event!r}"
+    waits = [node.plan.event for node in run.nodes[run.cursor :] if node.plan.event]
+    return f"saga {saga_id!r} does not wait for {event!r} (it still waits for: {', '.join(waits) or 'nothing'})"

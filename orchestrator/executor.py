@@ -1,0 +1,90 @@
+"""Runs attempts concurrently: ``def`` steps on a thread pool, ``async def`` steps on one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+import traceback
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import structlog
+
+from orchestrator.aggregate import Outcome
+
+OnSuccess = Callable[[Any], Outcome]
+GivesUp = Callable[[BaseException], bool]
+
+
+def describe(error: BaseException) -> str:
+    """One line naming the exception and its message, as recorded in the history."""
+    return "".join(traceback.format_exception_only(type(error), error)).strip()
+
+
+def failure(error: BaseException, gives_up: GivesUp) -> Outcome:
+    """The outcome of an attempt that raised ``error``."""
+    return Outcome(error=describe(error), retryable=not gives_up(error))
+
+
+class StepRunner:
+    """Executes attempts and turns whatever they do into an ``Outcome``; never raises."""
+
+    def __init__(self, concurrency: int) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="saga-step")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], context: dict[str, Any], on_success: OnSuccess,
+        gives_up: GivesUp,
+    ) -> Future[Outcome]:
+        """Start ``fn(*args)``; the future resolves to its outcome."""
+        if inspect.iscoroutinefunction(fn):
+            return asyncio.run_coroutine_threadsafe(self._run_async(fn, args, context, on_success, gives_up), self.loop)
+        return self.pool.submit(self._run_sync, fn, args, context, on_success, gives_up)
+
+    @staticmethod
+    def _run_sync(
+        fn: Callable[..., Any], args: tuple[Any, ...], context: dict[str, Any], on_success: OnSuccess,
+        gives_up: GivesUp,
+    ) -> Outcome:
+        with structlog.contextvars.bound_contextvars(**context):
+            try:
+                return on_success(fn(*args))
+            except Exception as error:
+                return failure(error, gives_up)
+
+    @staticmethod
+    async def _run_async(
+        fn: Callable[..., Any], args: tuple[Any, ...], context: dict[str, Any], on_success: OnSuccess,
+        gives_up: GivesUp,
+    ) -> Outcome:
+        with structlog.contextvars.bound_contextvars(**context):
+            try:
+                return on_success(await fn(*args))
+            except Exception as error:
+                return failure(error, gives_up)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop for ``async def`` steps, started on first use."""
+        with self._lock:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                self._loop_thread = threading.Thread(target=self._loop.run_forever, name="saga-async", daemon=True)
+                self._loop_thread.start()
+            return self._loop
+
+    def close(self) -> None:
+        """Stop taking attempts; attempts still running (timed out ones) are abandoned."""
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                assert self._loop_thread is not None
+                self._loop_thread.join(timeout=5)
+                self._loop.close()
+                self._loop = None

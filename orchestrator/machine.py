@@ -1,0 +1,239 @@
+"""The pure core: a saga's state folded from its events, and what should happen next.
+
+Nothing here does I/O or reads the clock: ``now`` and every timestamp come in as arguments,
+so replaying a history always folds to the same ``SagaRun`` and the same decision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from orchestrator.status import SagaState, SagaStatus, StepState, StepStatus
+
+Kind = Literal["step", "compensation"]
+
+
+class PlanNode(BaseModel):
+    """The shape of one step or wait, recorded in ``SagaStarted`` so the history stands alone."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    kind: Literal["step", "wait"] = "step"
+    max_attempts: int = 1
+    compensable: bool = False
+    compensation_max_attempts: int = 1
+    event: str | None = None
+    timeout: float | None = None
+    on_timeout: Literal["compensate", "continue"] = "compensate"
+
+
+@dataclass
+class NodeRun:
+    """How far one node of the plan has got."""
+
+    plan: PlanNode
+    state: StepState = StepState.PENDING
+    attempts: int = 0
+    last_error: str | None = None
+    compensation_attempts: int = 0
+    compensation_failed: bool = False
+
+
+@dataclass
+class InFlight:
+    """An attempt that a worker has claimed and whose outcome is not recorded yet."""
+
+    kind: Kind
+    name: str
+    attempt: int
+    lease_until: datetime
+    worker: str
+
+
+@dataclass
+class SagaRun:
+    """A saga's state: the fold of its events."""
+
+    saga_id: str
+    saga: str
+    input: dict[str, Any]
+    nodes: list[NodeRun]
+    created_at: datetime
+    updated_at: datetime
+    version: int = 1
+    state: SagaState = SagaState.PENDING
+    cursor: int = 0
+    results: dict[str, Any] = field(default_factory=dict)
+    received: dict[str, Any] = field(default_factory=dict)
+    in_flight: InFlight | None = None
+    due_at: datetime | None = None
+    waiting_for: str | None = None
+    wait_until: datetime | None = None
+    compensating: bool = False
+    cancel_requested: bool = False
+    error: str | None = None
+
+    def node(self, name: str) -> NodeRun:
+        """The node called ``name``."""
+        for node in self.nodes:
+            if node.plan.name == name:
+                return node
+        raise KeyError(name)
+
+    def pass_received_waits(self) -> None:
+        """Move the cursor past waits whose event arrived early."""
+        while self.cursor < len(self.nodes):
+            node = self.nodes[self.cursor]
+            if node.plan.kind != "wait" or node.plan.event not in self.received:
+                return
+            node.state = StepState.SUCCEEDED
+            self.cursor += 1
+
+    def start_compensating(self, at: datetime) -> None:
+        """Turn back: from now on only compensations run."""
+        self.compensating = True
+        self.waiting_for = self.wait_until = None
+        self.state = SagaState.COMPENSATING
+        if self.in_flight is None:
+            self.due_at = at
+
+    def next_compensation(self) -> NodeRun | None:
+        """The next step to undo: the last succeeded step that has a compensation."""
+        for node in reversed(self.nodes):
+            if node.plan.compensable and node.state is StepState.SUCCEEDED:
+                return node
+        return None
+
+    def expects(self, event: str) -> bool:
+        """Whether ``send(event)`` is welcome: a wait for it lies ahead and it has not come yet."""
+        if self.state.terminal or self.compensating or event in self.received:
+            return False
+        return any(node.plan.event == event for node in self.nodes[self.cursor :])
+
+    def current_step(self) -> str | None:
+        """The node in progress or next in line, if any."""
+        if self.in_flight is not None:
+            return self.in_flight.name
+        if self.state.terminal:
+            return None
+        if self.compensating:
+            node = self.next_compensation()
+            return node.plan.name if node else None
+        return self.nodes[self.cursor].plan.name if self.cursor < len(self.nodes) else None
+
+    def to_status(self) -> SagaStatus:
+        """The caller's view of this state."""
+        return SagaStatus(
+            saga_id=self.saga_id,
+            saga=self.saga,
+            version=self.version,
+            state=self.state,
+            current_step=self.current_step(),
+            steps=[
+                StepStatus(
+                    name=node.plan.name,
+                    state=node.state,
+                    attempts=node.attempts,
+                    last_error=node.last_error,
+                    kind=node.plan.kind,
+                    compensation_attempts=node.compensation_attempts,
+                )
+                for node in self.nodes
+            ],
+            result=dict(self.results),
+            error=self.error,
+            created_at=self.created_at,
+            updated_at=self.updated_at,
+            due_at=self.due_at,
+            waiting_for=self.waiting_for,
+        )
+
+
+# The actions a worker obeys.
+
+
+@dataclass(frozen=True)
+class Sleep:
+    """Nothing to do before ``until`` (``None``: until an event or an operator acts)."""
+
+    until: datetime | None
+
+
+@dataclass(frozen=True)
+class Run:
+    """Start attempt ``attempt`` of a step or a compensation."""
+
+    kind: Kind
+    name: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class StartWait:
+    """Park the saga on a wait, timing out at ``until``."""
+
+    name: str
+    event: str
+    until: datetime | None
+
+
+@dataclass(frozen=True)
+class TimeOut:
+    """The wait's timeout has passed without its event."""
+
+    name: str
+    event: str
+
+
+@dataclass(frozen=True)
+class LeaseExpired:
+    """The worker that claimed this attempt died or hung: the attempt counts as failed."""
+
+    kind: Kind
+    name: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Finish:
+    """Record the terminal state."""
+
+    state: SagaState
+
+
+Action = Sleep | Run | StartWait | TimeOut | LeaseExpired | Finish
+
+
+def next_action(run: SagaRun, now: datetime) -> Action:
+    """Decide what happens next to the saga, from its state and the time alone."""
+    if run.state.terminal:
+        return Sleep(None)
+    if run.in_flight is not None:
+        flight = run.in_flight
+        if now < flight.lease_until:
+            return Sleep(flight.lease_until)
+        return LeaseExpired(flight.kind, flight.name, flight.attempt)
+    if run.due_at is None or now < run.due_at:
+        return Sleep(run.due_at)
+    if run.compensating:
+        target = run.next_compensation()
+        if target is None:
+            return Finish(SagaState.CANCELLED if run.cancel_requested else SagaState.COMPENSATED)
+        if target.compensation_failed:
+            return Finish(SagaState.FAILED)
+        return Run("compensation", target.plan.name, target.compensation_attempts + 1)
+    if run.cursor >= len(run.nodes):
+        return Finish(SagaState.COMPLETED)
+    node = run.nodes[run.cursor]
+    if node.plan.kind == "wait":
+        assert node.plan.event is not None
+        if run.waiting_for is None:
+            until = None if node.plan.timeout is None else now + timedelta(seconds=node.plan.timeout)
+            return StartWait(node.plan.name, node.plan.event, until)
+        return TimeOut(node.plan.name, node.plan.event)
+    return Run("step", node.plan.name, node.attempts + 1)

@@ -1,0 +1,97 @@
+"""The in-memory (POPO) saga index, for tests and experiments: nothing survives the process."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.persistence import StoredEvent
+from eventsourcing.popo import POPOApplicationRecorder
+
+from orchestrator.store import Claim, IndexEntry
+
+
+class MemoryRecorder(POPOApplicationRecorder):
+    """POPO recorder that keeps the work and status tables in dicts, under the store's lock."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.work: dict[UUID, list[Any]] = {}  # [due_at, version, lease_owner, lease_until]
+        self.status: dict[UUID, IndexEntry] = {}
+        self.position: int | None = None
+
+    def _insert_events(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
+        with self._database_lock:
+            ids = super()._insert_events(stored_events, **kwargs)
+            self._apply(kwargs.get("index", ()))
+            if ids:
+                self.position = ids[-1]
+        return ids
+
+    def _apply(self, entries: Sequence[IndexEntry]) -> None:
+        for entry in entries:
+            if entry.due_at is None:
+                self.work.pop(entry.saga_uuid, None)
+            else:
+                self.work[entry.saga_uuid] = [entry.due_at, entry.version, None, None]
+            current = self.status.get(entry.saga_uuid)
+            if current is None or current.version < entry.version:
+                self.status[entry.saga_uuid] = entry
+
+    def claim(self, owner: str, now: datetime, lease_until: datetime, limit: int) -> list[Claim]:
+        with self._database_lock:
+            due = sorted(
+                (row[0], uuid)
+                for uuid, row in self.work.items()
+                if row[0] <= now and (row[3] is None or row[3] < now)
+            )[:limit]
+            claims = []
+            for _, uuid in due:
+                row = self.work[uuid]
+                row[2], row[3] = owner, lease_until
+                claims.append(Claim(uuid, row[1]))
+            return claims
+
+    def release(self, saga_uuid: UUID, version: int, due_at: datetime | None) -> None:
+        with self._database_lock:
+            row = self.work.get(saga_uuid)
+            if row is not None and row[1] == version:
+                if due_at is None:
+                    del self.work[saga_uuid]
+                else:
+                    row[0], row[2], row[3] = due_at, None, None
+
+    def next_due(self) -> datetime | None:
+        with self._database_lock:
+            times = [max(row[0], row[3]) if row[3] else row[0] for row in self.work.values()]
+            return min(times, default=None)
+
+    def get_status(self, saga_uuid: UUID) -> bytes | None:
+        with self._database_lock:
+            entry = self.status.get(saga_uuid)
+            return entry.doc if entry else None
+
+    def list_status(self, state: str | None, saga: str | None, limit: int) -> list[bytes]:
+        with self._database_lock:
+            rows = [
+                e for e in self.status.values()
+                if (state is None or e.state == state) and (saga is None or e.saga == saga)
+            ]
+        rows.sort(key=lambda e: (e.updated_at, e.saga_id), reverse=True)
+        return [e.doc for e in rows[:limit]]
+
+    def status_position(self) -> int | None:
+        return self.position
+
+    def write_status(self, entries: list[IndexEntry], position: int | None, *, reset: bool = False) -> None:
+        with self._database_lock:
+            if reset:
+                self.status.clear()
+            for entry in entries:
+                current = self.status.get(entry.saga_uuid)
+                if current is None or current.version <= entry.version:
+                    self.status[entry.saga_uuid] = entry
+            if position is not None:
+                self.position = position

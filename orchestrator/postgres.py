@@ -1,0 +1,256 @@
+"""The PostgreSQL saga index, schema creation and LISTEN wake-ups: the only module that imports psycopg."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from eventsourcing.persistence import StoredEvent
+from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
+from psycopg import Cursor
+from psycopg.rows import DictRow
+from psycopg.sql import SQL, Composed, Identifier
+
+from orchestrator.errors import ConfigurationError
+from orchestrator.store import APPLICATION_NAME, Claim, IndexEntry, entry_fields
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS {schema}.saga_work (
+    saga_uuid uuid PRIMARY KEY,
+    due_at timestamptz NOT NULL,
+    version integer NOT NULL,
+    lease_owner text,
+    lease_until timestamptz);
+CREATE INDEX IF NOT EXISTS saga_work_due ON {schema}.saga_work (due_at);
+CREATE TABLE IF NOT EXISTS {schema}.saga_status (
+    saga_uuid uuid PRIMARY KEY,
+    saga_id text NOT NULL,
+    saga text NOT NULL,
+    state text NOT NULL,
+    version integer NOT NULL,
+    created_at timestamptz NOT NULL,
+    updated_at timestamptz NOT NULL,
+    doc jsonb NOT NULL);
+CREATE INDEX IF NOT EXISTS saga_status_state ON {schema}.saga_status (state, updated_at DESC);
+CREATE INDEX IF NOT EXISTS saga_status_saga ON {schema}.saga_status (saga, state, updated_at DESC);
+CREATE INDEX IF NOT EXISTS saga_status_updated ON {schema}.saga_status (updated_at DESC);
+CREATE TABLE IF NOT EXISTS {schema}.saga_status_tracking (
+    application_name text PRIMARY KEY,
+    notification_id bigint NOT NULL);
+"""
+
+# Any two processes may start at once; DDL (the library's CREATE OR REPLACE FUNCTION among it)
+# fails with "tuple concurrently updated" when run concurrently, so it runs under this lock.
+SCHEMA_LOCK = 0x5A6A_0001
+
+
+def conninfo(env: dict[str, str]) -> str:
+    """A libpq connection string from the library's POSTGRES_* settings."""
+    return psycopg.conninfo.make_conninfo(
+        dbname=env["POSTGRES_DBNAME"],
+        host=env["POSTGRES_HOST"],
+        port=env["POSTGRES_PORT"],
+        user=env["POSTGRES_USER"],
+        password=env.get("POSTGRES_PASSWORD") or None,
+        connect_timeout=env.get("POSTGRES_CONNECT_TIMEOUT", "10"),
+    )
+
+
+def create_schema(env: dict[str, str]) -> None:
+    """Create the schema, the events table and the index tables, once, whoever starts first."""
+    from eventsourcing.postgres import PostgresFactory
+    from eventsourcing.utils import Environment
+
+    schema = env.get("POSTGRES_SCHEMA", "public")
+    try:
+        with psycopg.connect(conninfo(env), autocommit=True) as conn:
+            conn.execute("SELECT pg_advisory_lock(%s)", (SCHEMA_LOCK,))
+            try:
+                conn.execute(SQL("CREATE SCHEMA IF NOT EXISTS {}").format(Identifier(schema)))
+                factory = PostgresFactory(
+                    Environment(APPLICATION_NAME, {**env, "CREATE_TABLE": "y", "POSTGRES_POOL_SIZE": "1"})
+                )
+                try:
+                    factory.application_recorder()
+                finally:
+                    factory.close()
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK,))
+    except psycopg.Error as error:
+        raise ConfigurationError(f"cannot prepare the PostgreSQL database: {error}") from error
+
+
+def _sql(statement: str, schema: str, **names: str) -> Composed:
+    identifiers = {key: Identifier(value) for key, value in names.items()}
+    return SQL(statement).format(schema=Identifier(schema), **identifiers)  # type: ignore[arg-type]
+
+
+class PostgresIndexRecorder(PostgresApplicationRecorder):
+    """PostgreSQL recorder that writes the work and status rows in the events' transaction."""
+
+    def __init__(self, datastore: PostgresDatastore, **kwargs: Any) -> None:
+        super().__init__(datastore, **kwargs)
+        s = self.datastore.schema
+        self.sql_create_statements.append(_sql(SCHEMA, s))
+        # Equal versions may be rewritten by a rebuild; earlier ones never overwrite later ones.
+        self.upsert_status = _sql(
+            "INSERT INTO {schema}.saga_status VALUES (%(saga_uuid)s, %(saga_id)s, %(saga)s, %(state)s,"
+            " %(version)s, %(created_at)s, %(updated_at)s, %(doc)s::jsonb)"
+            " ON CONFLICT (saga_uuid) DO UPDATE SET state = EXCLUDED.state, version = EXCLUDED.version,"
+            " updated_at = EXCLUDED.updated_at, doc = EXCLUDED.doc"
+            " WHERE saga_status.version <= EXCLUDED.version", s)
+        # Writing a row releases any lease on it: the events just saved say what is due next.
+        self.upsert_work = _sql(
+            "INSERT INTO {schema}.saga_work VALUES (%s, %s, %s, NULL, NULL) ON CONFLICT (saga_uuid)"
+            " DO UPDATE SET due_at = EXCLUDED.due_at, version = EXCLUDED.version,"
+            " lease_owner = NULL, lease_until = NULL", s)
+        self.delete_work = _sql("DELETE FROM {schema}.saga_work WHERE saga_uuid = ANY(%s)", s)
+        # We hold the events table's EXCLUSIVE lock here, so max(notification_id) is our last event.
+        self.track = _sql(
+            "INSERT INTO {schema}.saga_status_tracking"
+            " SELECT %s, max(notification_id) FROM {schema}.{events} "
+            " ON CONFLICT (application_name) DO UPDATE SET notification_id = EXCLUDED.notification_id",
+            s, events=self.events_table_name)
+        # SKIP LOCKED: concurrent workers each take different rows instead of queueing on the same ones.
+        self.claim_sql = _sql(
+            "UPDATE {schema}.saga_work w SET lease_owner = %(owner)s, lease_until = %(until)s"
+            " FROM (SELECT saga_uuid FROM {schema}.saga_work"
+            "       WHERE due_at <= %(now)s AND (lease_until IS NULL OR lease_until < %(now)s)"
+            "       ORDER BY due_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED) c"
+            " WHERE w.saga_uuid = c.saga_uuid RETURNING w.saga_uuid, w.version", s)
+        self.schema_name = s
+
+    def _insert_stored_events(self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent], **kwargs: Any) -> None:
+        super()._insert_stored_events(curs, stored_events, **kwargs)
+        entries: Sequence[IndexEntry] = kwargs.get("index", ())
+        # After the library's lock and insert, on another cursor: the insert's cursor still owes
+        # the notification ids to the library, and the lock orders our rows like the events.
+        with curs.connection.cursor() as index:
+            if entries:
+                index.executemany(self.upsert_status, [_status_params(e) for e in entries])
+                dues = [(e.saga_uuid, e.due_at, e.version) for e in entries if e.due_at is not None]
+                if dues:
+                    index.executemany(self.upsert_work, dues)
+                done = [e.saga_uuid for e in entries if e.due_at is None]
+                if done:
+                    index.execute(self.delete_work, (done,))
+            index.execute(self.track, (APPLICATION_NAME,))
+
+    def claim(self, owner: str, now: datetime, lease_until: datetime, limit: int) -> list[Claim]:
+        with self.datastore.transaction(commit=True) as curs:
+            curs.execute(self.claim_sql, {"owner": owner, "until": lease_until, "now": now, "limit": limit})
+            return [Claim(row["saga_uuid"], row["version"]) for row in curs.fetchall()]
+
+    def release(self, saga_uuid: UUID, version: int, due_at: datetime | None) -> None:
+        with self.datastore.transaction(commit=True) as curs:
+            if due_at is None:
+                curs.execute(
+                    _sql("DELETE FROM {schema}.saga_work WHERE saga_uuid = %s AND version = %s", self.schema_name),
+                    (saga_uuid, version),
+                )
+            else:
+                curs.execute(
+                    _sql(
+                        "UPDATE {schema}.saga_work SET due_at = %s, lease_owner = NULL, lease_until = NULL"
+                        " WHERE saga_uuid = %s AND version = %s", self.schema_name),
+                    (due_at, saga_uuid, version),
+                )
+
+    def next_due(self) -> datetime | None:
+        with self.datastore.transaction(commit=False) as curs:
+            curs.execute(_sql(
+                "SELECT min(GREATEST(due_at, lease_until)) AS due FROM {schema}.saga_work", self.schema_name))
+            row = curs.fetchone()
+        return None if row is None else row["due"]
+
+    def get_status(self, saga_uuid: UUID) -> bytes | None:
+        with self.datastore.transaction(commit=False) as curs:
+            curs.execute(
+                _sql("SELECT doc::text AS doc FROM {schema}.saga_status WHERE saga_uuid = %s", self.schema_name),
+                (saga_uuid,), prepare=True)
+            row = curs.fetchone()
+        return None if row is None else row["doc"].encode()
+
+    def list_status(self, state: str | None, saga: str | None, limit: int) -> list[bytes]:
+        where = []
+        params: list[Any] = []
+        if state is not None:
+            where.append("state = %s")
+            params.append(state)
+        if saga is not None:
+            where.append("saga = %s")
+            params.append(saga)
+        sql = "SELECT doc::text AS doc FROM {schema}.saga_status"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY updated_at DESC LIMIT %s"
+        with self.datastore.transaction(commit=False) as curs:
+            curs.execute(_sql(sql, self.schema_name), (*params, limit), prepare=True)
+            return [row["doc"].encode() for row in curs.fetchall()]
+
+    def status_position(self) -> int | None:
+        with self.datastore.transaction(commit=False) as curs:
+            curs.execute(_sql(
+                "SELECT notification_id FROM {schema}.saga_status_tracking WHERE application_name = %s",
+                self.schema_name), (APPLICATION_NAME,))
+            row = curs.fetchone()
+        return None if row is None else int(row["notification_id"])
+
+    def write_status(self, entries: list[IndexEntry], position: int | None, *, reset: bool = False) -> None:
+        with self.datastore.transaction(commit=True) as curs:
+            if reset:
+                curs.execute(_sql("DELETE FROM {schema}.saga_status", self.schema_name))
+                curs.execute(_sql("DELETE FROM {schema}.saga_status_tracking", self.schema_name))
+            if entries:
+                curs.executemany(self.upsert_status, [_status_params(e) for e in entries])
+            if position is not None:
+                curs.execute(_sql(
+                    "INSERT INTO {schema}.saga_status_tracking VALUES (%s, %s) ON CONFLICT (application_name)"
+                    " DO UPDATE SET notification_id = EXCLUDED.notification_id", self.schema_name),
+                    (APPLICATION_NAME, position))
+
+
+def _status_params(entry: IndexEntry) -> dict[str, Any]:
+    fields = entry_fields(entry)
+    fields["doc"] = entry.doc.decode()
+    return fields
+
+
+class Listener:
+    """Wakes a worker when events are written: LISTEN on the library's NOTIFY channel.
+
+    Runs in a thread with its own connection; if the connection drops it reconnects,
+    and the worker's polling covers the gap.
+    """
+
+    def __init__(self, env: dict[str, str], channel: str, wakeup: threading.Event) -> None:
+        self.info = conninfo(env)
+        self.channel = channel
+        self.wakeup = wakeup
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="saga-listen", daemon=True)
+
+    def start(self) -> None:
+        """Start listening in the background."""
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Stop listening (within a second)."""
+        self.stopping.set()
+        self.thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                with psycopg.connect(self.info, autocommit=True) as conn:
+                    conn.execute(SQL("LISTEN {}").format(Identifier(self.channel)))
+                    while not self.stopping.is_set():
+                        for _ in conn.notifies(timeout=1.0):
+                            self.wakeup.set()
+            except psycopg.Error:
+                self.wakeup.set()
+                self.stopping.wait(1.0)

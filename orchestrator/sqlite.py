@@ -1,0 +1,146 @@
+"""The SQLite saga index: the embedded default (one file, WAL, one writer at a time)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.persistence import StoredEvent
+from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteCursor
+
+from orchestrator.store import Claim, IndexEntry
+
+SCHEMA = [
+    "CREATE TABLE IF NOT EXISTS saga_work ("
+    " saga_uuid TEXT PRIMARY KEY, due_at REAL NOT NULL, version INTEGER NOT NULL,"
+    " lease_owner TEXT, lease_until REAL)",
+    "CREATE INDEX IF NOT EXISTS saga_work_due ON saga_work (due_at)",
+    "CREATE TABLE IF NOT EXISTS saga_status ("
+    " saga_uuid TEXT PRIMARY KEY, saga_id TEXT NOT NULL, saga TEXT NOT NULL, state TEXT NOT NULL,"
+    " version INTEGER NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL, doc BLOB NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS saga_status_state ON saga_status (state, updated_at)",
+    "CREATE INDEX IF NOT EXISTS saga_status_saga ON saga_status (saga, state, updated_at)",
+    "CREATE INDEX IF NOT EXISTS saga_status_updated ON saga_status (updated_at)",
+    "CREATE TABLE IF NOT EXISTS saga_status_tracking (application_name TEXT PRIMARY KEY, notification_id INTEGER)",
+]
+
+# A later version always wins over an earlier one (a rebuild may rewrite an equal one).
+UPSERT_STATUS = (
+    "INSERT INTO saga_status VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (saga_uuid) DO UPDATE SET"
+    " state = excluded.state, version = excluded.version, updated_at = excluded.updated_at, doc = excluded.doc"
+    " WHERE saga_status.version <= excluded.version"
+)
+# Writing a row releases any lease on it: the events just saved say what is due next.
+UPSERT_WORK = (
+    "INSERT INTO saga_work VALUES (?, ?, ?, NULL, NULL) ON CONFLICT (saga_uuid) DO UPDATE SET"
+    " due_at = excluded.due_at, version = excluded.version, lease_owner = NULL, lease_until = NULL"
+)
+DELETE_WORK = "DELETE FROM saga_work WHERE saga_uuid = ?"
+TRACK = (
+    "INSERT INTO saga_status_tracking VALUES ('orchestrator', ?) ON CONFLICT (application_name)"
+    " DO UPDATE SET notification_id = excluded.notification_id"
+    " WHERE saga_status_tracking.notification_id < excluded.notification_id"
+)
+# SQLite has no SKIP LOCKED, and needs none: the UPDATE takes the one write lock, so the
+# select and the lease happen as one step for every process sharing the file.
+CLAIM = (
+    "UPDATE saga_work SET lease_owner = ?, lease_until = ? WHERE saga_uuid IN ("
+    " SELECT saga_uuid FROM saga_work WHERE due_at <= ? AND (lease_until IS NULL OR lease_until < ?)"
+    " ORDER BY due_at LIMIT ?) RETURNING saga_uuid, version"
+)
+
+
+def epoch(moment: datetime) -> float:
+    """Seconds since the epoch: comparable, indexable, timezone-free."""
+    return moment.timestamp()
+
+
+def status_params(entry: IndexEntry) -> tuple[Any, ...]:
+    """The status row of an entry, in column order."""
+    return (
+        entry.saga_uuid.hex, entry.saga_id, entry.saga, entry.state, entry.version,
+        epoch(entry.created_at), epoch(entry.updated_at), entry.doc,
+    )
+
+
+class SQLiteIndexRecorder(SQLiteApplicationRecorder):
+    """SQLite recorder that writes the work and status rows in the events' transaction."""
+
+    def construct_create_table_statements(self) -> list[str]:
+        return [*super().construct_create_table_statements(), *SCHEMA]
+
+    def _insert_events(self, c: SQLiteCursor, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
+        ids = super()._insert_events(c, stored_events, **kwargs)
+        entries: Sequence[IndexEntry] = kwargs.get("index", ())
+        if entries:
+            c.executemany(UPSERT_STATUS, [status_params(e) for e in entries])
+            dues = [(e.saga_uuid.hex, epoch(e.due_at), e.version) for e in entries if e.due_at is not None]
+            if dues:
+                c.executemany(UPSERT_WORK, dues)
+            done = [(e.saga_uuid.hex,) for e in entries if e.due_at is None]
+            if done:
+                c.executemany(DELETE_WORK, done)
+        if ids:
+            c.execute(TRACK, (ids[-1],))
+        return ids
+
+    def claim(self, owner: str, now: datetime, lease_until: datetime, limit: int) -> list[Claim]:
+        with self.datastore.transaction(commit=True) as c:
+            c.execute(CLAIM, (owner, epoch(lease_until), epoch(now), epoch(now), limit))
+            return [Claim(UUID(row[0]), row[1]) for row in c.fetchall()]
+
+    def release(self, saga_uuid: UUID, version: int, due_at: datetime | None) -> None:
+        with self.datastore.transaction(commit=True) as c:
+            if due_at is None:
+                c.execute("DELETE FROM saga_work WHERE saga_uuid = ? AND version = ?", (saga_uuid.hex, version))
+            else:
+                c.execute(
+                    "UPDATE saga_work SET due_at = ?, lease_owner = NULL, lease_until = NULL"
+                    " WHERE saga_uuid = ? AND version = ?",
+                    (epoch(due_at), saga_uuid.hex, version),
+                )
+
+    def next_due(self) -> datetime | None:
+        with self.datastore.transaction(commit=False) as c:
+            c.execute("SELECT min(max(due_at, coalesce(lease_until, due_at))) FROM saga_work")
+            row = c.fetchone()
+        return None if row is None or row[0] is None else datetime.fromtimestamp(row[0], UTC)
+
+    def get_status(self, saga_uuid: UUID) -> bytes | None:
+        with self.datastore.transaction(commit=False) as c:
+            c.execute("SELECT doc FROM saga_status WHERE saga_uuid = ?", (saga_uuid.hex,))
+            row = c.fetchone()
+        return None if row is None else bytes(row[0])
+
+    def list_status(self, state: str | None, saga: str | None, limit: int) -> list[bytes]:
+        where, params = [], []
+        if state is not None:
+            where.append("state = ?")
+            params.append(state)
+        if saga is not None:
+            where.append("saga = ?")
+            params.append(saga)
+        sql = "SELECT doc FROM saga_status"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY updated_at DESC LIMIT ?"
+        with self.datastore.transaction(commit=False) as c:
+            c.execute(sql, (*params, limit))
+            return [bytes(row[0]) for row in c.fetchall()]
+
+    def status_position(self) -> int | None:
+        with self.datastore.transaction(commit=False) as c:
+            c.execute("SELECT notification_id FROM saga_status_tracking WHERE application_name = 'orchestrator'")
+            row = c.fetchone()
+        return None if row is None else int(row[0])
+
+    def write_status(self, entries: list[IndexEntry], position: int | None, *, reset: bool = False) -> None:
+        with self.datastore.transaction(commit=True) as c:
+            if reset:
+                c.execute("DELETE FROM saga_status")
+                c.execute("DELETE FROM saga_status_tracking")
+            c.executemany(UPSERT_STATUS, [status_params(e) for e in entries])
+            if position is not None:
+                c.execute(TRACK, (position,))

@@ -1,0 +1,353 @@
+"""The worker: claims due sagas in batches, runs their attempts concurrently, records outcomes.
+
+One loop, one thread for bookkeeping: it claims work rows (``SKIP LOCKED`` on PostgreSQL),
+records the claims of many sagas in one save, hands attempts to a thread pool (``def``
+steps) or an event loop (``async def`` steps), and records their outcomes, again many per
+save, together with the claim of each saga's next attempt, which it then runs at once.
+The aggregate version settles every race: a stale save raises ``IntegrityError`` and only
+that saga is reloaded and decided again.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import timedelta
+from types import FrameType
+from typing import Any
+from uuid import UUID
+
+import structlog
+from eventsourcing.application import AggregateNotFoundError
+from eventsourcing.persistence import IntegrityError
+
+from orchestrator.aggregate import Outcome, SagaAggregate, Work
+from orchestrator.app import Orchestrator, utcnow
+from orchestrator.definition import Saga, StepDef
+from orchestrator.executor import StepRunner
+
+Intent = Callable[[SagaAggregate], Work | None]
+log = structlog.get_logger("sagaworks.worker")
+
+
+@dataclass
+class Running:
+    """An attempt in flight in this worker."""
+
+    work: Work
+    aggregate: SagaAggregate
+    future: Future[Outcome]
+    started: float
+    deadline: float | None
+    renew_at: float
+    outcome: Outcome | None = None
+
+
+@dataclass
+class Batch:
+    """Intents to record in one save, keyed by saga."""
+
+    intents: dict[UUID, tuple[SagaAggregate | None, Intent]] = field(default_factory=dict)
+
+
+class Worker:
+    """Runs saga attempts until drained or told to stop."""
+
+    def __init__(
+        self,
+        orchestrator: Orchestrator,
+        *,
+        concurrency: int | None = None,
+        batch_size: int | None = None,
+        lease_seconds: float | None = None,
+        poll_interval: float | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        settings = orchestrator.settings
+        self.orch = orchestrator
+        self.concurrency = concurrency or settings.concurrency
+        self.batch_size = batch_size or settings.batch_size
+        self.lease = lease_seconds or settings.lease_seconds
+        self.poll_interval = poll_interval or settings.poll_interval
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self) & 0xFFFF:x}"
+        self.stopping = threading.Event()
+        self.running: dict[UUID, Running] = {}
+        self.runner = StepRunner(self.concurrency)
+        self.log = log.bind(worker=self.worker_id)
+
+    def stop(self) -> None:
+        """Ask the worker to finish the attempts in hand and return."""
+        self.stopping.set()
+        self.orch.wakeup.set()
+
+    def run(self, *, drain: bool) -> None:
+        """Work until drained (``drain=True``) or until stopped, then return."""
+        store = self.orch.store
+        listener = None
+        restore = self._install_signals() if not drain else None
+        if not drain and self.orch.database.is_postgres:
+            from orchestrator.postgres import Listener
+
+            listener = Listener(self.orch.database.env, store.recorder.channel_name, self.orch.wakeup)  # type: ignore[attr-defined]
+            listener.start()
+        self.log.info("worker started", drain=drain, concurrency=self.concurrency)
+        try:
+            self._loop(drain)
+        finally:
+            if listener is not None:
+                listener.stop()
+            self.runner.close()
+            if restore is not None:
+                restore()
+            self.log.info("worker stopped")
+
+    def _loop(self, drain: bool) -> None:
+        while True:
+            self.orch.wakeup.clear()
+            claimed = 0 if self.stopping.is_set() else self._claim()
+            finished = self._reap()
+            self._renew()
+            if not self.running:
+                if self.stopping.is_set() or (drain and not claimed and not finished):
+                    return
+            if not claimed and not finished:
+                self._idle()
+
+    # Claiming
+
+    def _claim(self) -> int:
+        capacity = self.concurrency - len(self.running)
+        if capacity <= 0:
+            return 0
+        now = utcnow()
+        claims = self.orch.store.index.claim(
+            self.worker_id, now, now + timedelta(seconds=self.lease), min(capacity, self.batch_size)
+        )
+        if not claims:
+            return 0
+        batch = Batch()
+        for claim in claims:
+            try:
+                aggregate = self.orch.load(claim.saga_uuid)
+            except AggregateNotFoundError:  # pragma: no cover - a row always follows its events
+                continue
+            if aggregate.run.saga not in self.orch.sagas:
+                self.log.error("saga not registered in this worker", saga=aggregate.run.saga)
+                continue  # the lease expires and a worker that knows the saga takes it
+            batch.intents[aggregate.id] = (aggregate, self._advance_intent())
+        self._commit(batch)
+        return len(claims)
+
+    def _advance_intent(self) -> Intent:
+        def intent(aggregate: SagaAggregate) -> Work | None:
+            return aggregate.advance(
+                utcnow(), self.worker_id, self.lease, self.orch.policies[aggregate.run.saga],
+                claim=not self.stopping.is_set(),
+            )
+
+        return intent
+
+    # Recording
+
+    def _commit(self, batch: Batch) -> None:
+        """Apply every intent and save them all in one transaction; on a conflict, one by one."""
+        results: dict[UUID, tuple[SagaAggregate, Work | None]] = {}
+        for uuid, (aggregate, intent) in batch.intents.items():
+            assert aggregate is not None
+            results[uuid] = (aggregate, intent(aggregate))
+        changed = [aggregate for aggregate, _ in results.values() if aggregate.pending_events]
+        try:
+            if changed:
+                self.orch.save(changed)
+        except IntegrityError:
+            # Someone else wrote to one of these sagas; the batch is void. Redo each saga alone,
+            # from a fresh load, so the conflict costs only the saga that had it.
+            results = {}
+            for uuid, (_, intent) in batch.intents.items():
+                redone = self._commit_one(uuid, intent)
+                if redone is not None:
+                    results[uuid] = redone
+        for uuid, (aggregate, work) in results.items():
+            if not aggregate.pending_events and work is None and uuid not in self.running:
+                self._release(aggregate)
+            if work is not None:
+                self._start(aggregate, work)
+
+    def _commit_one(self, uuid: UUID, intent: Intent) -> tuple[SagaAggregate, Work | None] | None:
+        for _ in range(5):
+            aggregate = self.orch.load(uuid)
+            work = intent(aggregate)
+            if not aggregate.pending_events:
+                return aggregate, work
+            try:
+                self.orch.save([aggregate])
+                return aggregate, work
+            except IntegrityError:
+                continue
+        self.log.warning("gave up recording after repeated conflicts", saga_uuid=str(uuid))
+        return None
+
+    def _release(self, aggregate: SagaAggregate) -> None:
+        self.orch.store.index.release(aggregate.id, aggregate.version, aggregate.run.due_at)
+
+    # Running
+
+    def _start(self, aggregate: SagaAggregate, work: Work) -> None:
+        saga = self.orch.sagas[aggregate.run.saga]
+        node = next(n for n in saga.steps() if n.name == work.name)
+        instance = self._instance(saga, aggregate, work)
+        if work.kind == "step":
+            fn, args, timeout = node.fn, (instance, instance.input), node.timeout
+        else:
+            assert node.compensation is not None
+            result = _output(saga, node.name, aggregate.run.results.get(node.name))
+            fn, args, timeout = node.compensation.fn, (instance, instance.input, result), node.timeout
+        context = {
+            "saga_id": aggregate.run.saga_id, "saga": saga.name, "step": work.name,
+            "attempt": work.attempt, "worker": self.worker_id, "kind": work.kind,
+        }
+        policy = node.retry if work.kind == "step" or node.compensation is None else node.compensation.retry
+        future = self.runner.submit(
+            fn, args, context, lambda value: _serialise(node, work, value, instance), policy.gives_up
+        )
+        future.add_done_callback(lambda _: self.orch.wakeup.set())
+        now = time.monotonic()
+        self.running[aggregate.id] = Running(
+            work, aggregate, future, now, None if timeout is None else now + timeout, now + self.lease / 3
+        )
+
+    def _instance(self, saga: type[Saga[Any]], aggregate: SagaAggregate, work: Work) -> Saga[Any]:
+        run = aggregate.run
+        instance = saga.__new__(saga)
+        instance.saga_id = run.saga_id
+        instance.input = saga.input_model.model_validate(run.input)
+        instance.results = {name: _output(saga, name, value) for name, value in run.results.items()}
+        instance.received = dict(run.received)
+        instance.attempt = work.attempt
+        suffix = "" if work.kind == "step" else ":compensate"
+        instance.idempotency_key = f"{run.saga_id}:{work.name}{suffix}"
+        instance.log = structlog.get_logger("sagaworks.step").bind(
+            saga_id=run.saga_id, saga=saga.name, step=work.name, attempt=work.attempt, worker=self.worker_id
+        )
+        instance._emitted = []
+        return instance
+
+    def _reap(self) -> int:
+        """Record the outcomes of finished (or timed-out) attempts, many sagas per save."""
+        now = time.monotonic()
+        batch = Batch()
+        for uuid, running in list(self.running.items()):
+            if running.future.done():
+                outcome = running.future.result()
+            elif running.deadline is not None and now >= running.deadline:
+                running.future.cancel()  # stops an async step; a sync one runs on, ignored
+                outcome = Outcome(error=f"TimeoutError: attempt timed out after {running.deadline - running.started:g} s")
+            else:
+                continue
+            del self.running[uuid]
+            self._log_outcome(running, outcome)
+            batch.intents[uuid] = (running.aggregate, self._outcome_intent(running.work, outcome))
+        if batch.intents:
+            self._commit(batch)
+        return len(batch.intents)
+
+    def _outcome_intent(self, work: Work, outcome: Outcome) -> Intent:
+        advance = self._advance_intent()
+
+        def intent(aggregate: SagaAggregate) -> Work | None:
+            policies = self.orch.policies[aggregate.run.saga]
+            if not aggregate.record_outcome(work, outcome, utcnow(), policies):
+                return None  # no longer ours: the lease expired and another worker took over
+            return advance(aggregate)
+
+        return intent
+
+    def _renew(self) -> None:
+        now = time.monotonic()
+        due = [(uuid, r) for uuid, r in self.running.items() if now >= r.renew_at]
+        if not due:
+            return
+        lease_until = utcnow() + timedelta(seconds=self.lease)
+        changed = []
+        for uuid, running in due:
+            running.renew_at = now + self.lease / 3
+            if running.aggregate.renew(running.work, lease_until, utcnow()):
+                changed.append(running)
+        try:
+            self.orch.save([r.aggregate for r in changed])
+        except IntegrityError:
+            for running in changed:
+                self._renew_one(running, lease_until)
+
+    def _renew_one(self, running: Running, lease_until: Any) -> None:
+        for _ in range(5):
+            aggregate = self.orch.load(running.work.saga_uuid)
+            running.aggregate = aggregate
+            if not aggregate.renew(running.work, lease_until, utcnow()):
+                return
+            try:
+                self.orch.save([aggregate])
+                return
+            except IntegrityError:
+                continue
+
+    def _idle(self) -> None:
+        timeout = self.poll_interval
+        if not self.running:
+            due = self.orch.store.index.next_due()
+            if due is not None:
+                timeout = min(timeout, max(0.0, (due - utcnow()).total_seconds()))
+        else:
+            now = time.monotonic()
+            for running in self.running.values():
+                timeout = min(timeout, max(0.0, running.renew_at - now))
+                if running.deadline is not None:
+                    timeout = min(timeout, max(0.0, running.deadline - now))
+        self.orch.wakeup.wait(timeout)
+
+    def _log_outcome(self, running: Running, outcome: Outcome) -> None:
+        work = running.work
+        self.log.info(
+            "attempt succeeded" if outcome.error is None else "attempt failed",
+            saga_id=running.aggregate.run.saga_id, saga=running.aggregate.run.saga, step=work.name,
+            kind=work.kind, attempt=work.attempt, ms=round((time.monotonic() - running.started) * 1000, 1),
+            error=outcome.error,
+        )
+
+    def _install_signals(self) -> Callable[[], None] | None:
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            self.log.info("stopping: finishing the attempts in hand", signal=signal.Signals(signum).name)
+            self.stop()
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+        def restore() -> None:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+        return restore
+
+
+def _output(saga: type[Saga[Any]], name: str, value: Any) -> Any:
+    node = next((n for n in saga.steps() if n.name == name), None)
+    return value if node is None else node.output.validate_python(value)
+
+
+def _serialise(node: StepDef, work: Work, value: Any, instance: Saga[Any]) -> Outcome:
+    if work.kind == "compensation":
+        return Outcome()
+    try:
+        result = node.output.dump_python(node.output.validate_python(value), mode="json")
+    except Exception as error:
+        return Outcome(error=f"step returned an invalid output: {error}", retryable=False)
+    return Outcome(result=result, emitted=list(instance._emitted))
