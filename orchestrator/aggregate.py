@@ -51,7 +51,9 @@ def plan_of(saga: type[Saga[Any]]) -> list[PlanNode]:
             )
         else:
             plan.append(
-                PlanNode(name=node.name, kind="wait", event=node.event, timeout=node.timeout, on_timeout=node.on_timeout)
+                PlanNode(
+                    name=node.name, kind="wait", event=node.event, timeout=node.timeout, on_timeout=node.on_timeout
+                )
             )
     return plan
 
@@ -97,7 +99,8 @@ class SagaAggregate(BaseAggregate[UUID]):
             plan=plan_of(saga),
             start_at=start_at,
         )
-        aggregate: SagaAggregate = event.mutate(None)
+        aggregate = event.mutate(None)
+        assert isinstance(aggregate, SagaAggregate)
         aggregate.pending_events.append(event)
         return aggregate
 
@@ -108,7 +111,13 @@ class SagaAggregate(BaseAggregate[UUID]):
         self.trigger_event(event_class, timestamp=now, **data)
 
     def advance(
-        self, now: datetime, worker: str, lease: float, policies: dict[tuple[str, str], RetryPolicy], *, claim: bool = True
+        self,
+        now: datetime,
+        worker: str,
+        lease: float,
+        policies: dict[tuple[str, str], RetryPolicy],
+        *,
+        claim: bool = True,
     ) -> Work | None:
         """Record every decision due by ``now``; return the attempt to run, if one is claimed.
 
@@ -124,7 +133,9 @@ class SagaAggregate(BaseAggregate[UUID]):
                     return None
                 started = ev.StepStarted if action.kind == "step" else ev.CompensationStarted
                 lease_until = now + timedelta(seconds=lease)
-                self._record(started, now, name=action.name, attempt=action.attempt, lease_until=lease_until, worker=worker)
+                self._record(
+                    started, now, name=action.name, attempt=action.attempt, lease_until=lease_until, worker=worker
+                )
                 return Work(self.id, action.kind, action.name, action.attempt)
             if isinstance(action, StartWait):
                 self._record(ev.WaitStarted, now, name=action.name, event=action.event, timeout_at=action.until)
@@ -151,12 +162,21 @@ class SagaAggregate(BaseAggregate[UUID]):
         if outcome.error is None:
             if work.kind == "step":
                 for emitted in outcome.emitted:
-                    self._record(ev.DomainEventEmitted, now, name=work.name, attempt=work.attempt, event=emitted["name"], data=emitted["data"])
+                    self._record(
+                        ev.DomainEventEmitted,
+                        now,
+                        name=work.name,
+                        attempt=work.attempt,
+                        event=emitted["name"],
+                        data=emitted["data"],
+                    )
                 self._record(ev.StepSucceeded, now, name=work.name, attempt=work.attempt, result=outcome.result)
             else:
                 self._record(ev.CompensationSucceeded, now, name=work.name, attempt=work.attempt)
         else:
-            self._fail(work.kind, work.name, work.attempt, outcome.error, outcome.retryable, now, policies, random.Random())
+            self._fail(
+                work.kind, work.name, work.attempt, outcome.error, outcome.retryable, now, policies, random.Random()
+            )
         return True
 
     def _fail(

@@ -12,7 +12,7 @@ from typing import Any
 from uuid import uuid4
 
 from eventsourcing.persistence import IntegrityError
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from orchestrator.aggregate import SagaAggregate, aggregate_id, policies_of
 from orchestrator.definition import Saga
@@ -26,6 +26,7 @@ from orchestrator.errors import (
     UnexpectedEvent,
     UnknownSaga,
 )
+from orchestrator.events import SagaEvent
 from orchestrator.retry import RetryPolicy
 from orchestrator.settings import Settings
 from orchestrator.status import HistoryEvent, SagaState, SagaStatus
@@ -33,6 +34,7 @@ from orchestrator.store import Database, EventStore, IndexEntry, open_store, par
 
 SagaRef = type[Saga[Any]] | str
 COMMAND_RETRIES = 8
+JSON_OBJECT = TypeAdapter(dict[str, Any])
 
 
 def utcnow() -> datetime:
@@ -111,7 +113,9 @@ class Orchestrator:
     def __enter__(self) -> Orchestrator:
         return self.open()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     @property
@@ -248,9 +252,10 @@ class Orchestrator:
             raise SagaNotFound(f"no saga with id {saga_id!r}")
         entries = []
         for record in stored:
-            event = store.mapper.to_domain_event(record)
-            data = event.model_dump(mode="json", exclude={"originator_id", "originator_version", "timestamp",
-                                                          "originator_topic"})
+            event: SagaEvent = store.mapper.to_domain_event(record)  # type: ignore[assignment]
+            data = event.model_dump(
+                mode="json", exclude={"originator_id", "originator_version", "timestamp", "originator_topic"}
+            )
             entries.append(
                 HistoryEvent(
                     type=type(event).__name__,
@@ -311,9 +316,8 @@ class Orchestrator:
             return data.model_dump(mode="json")
         if isinstance(data, dict):
             try:
-                from pydantic import TypeAdapter
-
-                return TypeAdapter(dict[str, Any]).dump_python(data, mode="json")
+                dumped: dict[str, Any] = JSON_OBJECT.dump_python(data, mode="json")
+                return dumped
             except Exception as error:
                 raise InvalidInput(f"event data must be JSON-compatible: {error}") from None
         raise InvalidInput(f"event data is a dict or a pydantic model, not {data!r}")

@@ -77,7 +77,7 @@ class StepDef:
     @overload
     def compensate(self, *, retry: Any = None) -> Callable[[Fn], Compensation]: ...
 
-    def compensate(self, fn: Fn | None = None, /, *, retry: Any = None) -> Any:
+    def compensate(self, fn: Fn | None = None, /, *, retry: Any = None) -> Any:  # type: ignore[misc]
         """Declare the method that undoes this step (``@step.compensate`` or ``(retry=...)``)."""
         policy = normalize_retry(retry) if retry is not None else None
 
@@ -152,11 +152,11 @@ class _Namespace(dict[str, Any]):
 
 class _SagaMeta(type):
     @classmethod
-    def __prepare__(mcs, name: str, bases: tuple[type, ...], /, **kwargs: Any) -> dict[str, Any]:
+    def __prepare__(cls, name: str, bases: tuple[type, ...], /, **kwargs: Any) -> dict[str, Any]:
         return _Namespace()
 
-    def __new__(mcs, name: str, bases: tuple[type, ...], namespace: dict[str, Any], **kwargs: Any) -> type:
-        return super().__new__(mcs, name, bases, dict(namespace), **kwargs)
+    def __new__(cls, name: str, bases: tuple[type, ...], namespace: dict[str, Any], **kwargs: Any) -> type:
+        return super().__new__(cls, name, bases, dict(namespace), **kwargs)
 
 
 class Saga(Generic[InputT], metaclass=_SagaMeta):

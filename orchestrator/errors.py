@@ -39,5 +39,5 @@ class InvalidTransition(OrchestratorError):
     """The operation does not apply to the saga in its current state (e.g. retry of a completed saga)."""
 
 
-class NonRetryable(Exception):  # noqa: N818 (the contract's name)
+class NonRetryable(Exception):
     """Raised by a step or compensation to fail for good now, without further retries."""

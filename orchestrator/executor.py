@@ -38,7 +38,11 @@ class StepRunner:
         self._lock = threading.Lock()
 
     def submit(
-        self, fn: Callable[..., Any], args: tuple[Any, ...], context: dict[str, Any], on_success: OnSuccess,
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        context: dict[str, Any],
+        on_success: OnSuccess,
         gives_up: GivesUp,
     ) -> Future[Outcome]:
         """Start ``fn(*args)``; the future resolves to its outcome."""
@@ -48,7 +52,10 @@ class StepRunner:
 
     @staticmethod
     def _run_sync(
-        fn: Callable[..., Any], args: tuple[Any, ...], context: dict[str, Any], on_success: OnSuccess,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        context: dict[str, Any],
+        on_success: OnSuccess,
         gives_up: GivesUp,
     ) -> Outcome:
         with structlog.contextvars.bound_contextvars(**context):
@@ -59,7 +66,10 @@ class StepRunner:
 
     @staticmethod
     async def _run_async(
-        fn: Callable[..., Any], args: tuple[Any, ...], context: dict[str, Any], on_success: OnSuccess,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        context: dict[str, Any],
+        on_success: OnSuccess,
         gives_up: GivesUp,
     ) -> Outcome:
         with structlog.contextvars.bound_contextvars(**context):

@@ -43,9 +43,7 @@ class MemoryRecorder(POPOApplicationRecorder):
     def claim(self, owner: str, now: datetime, lease_until: datetime, limit: int) -> list[Claim]:
         with self._database_lock:
             due = sorted(
-                (row[0], uuid)
-                for uuid, row in self.work.items()
-                if row[0] <= now and (row[3] is None or row[3] < now)
+                (row[0], uuid) for uuid, row in self.work.items() if row[0] <= now and (row[3] is None or row[3] < now)
             )[:limit]
             claims = []
             for _, uuid in due:
@@ -76,7 +74,8 @@ class MemoryRecorder(POPOApplicationRecorder):
     def list_status(self, state: str | None, saga: str | None, limit: int) -> list[bytes]:
         with self._database_lock:
             rows = [
-                e for e in self.status.values()
+                e
+                for e in self.status.values()
                 if (state is None or e.state == state) and (saga is None or e.saga == saga)
             ]
         rows.sort(key=lambda e: (e.updated_at, e.saga_id), reverse=True)

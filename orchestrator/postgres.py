@@ -86,7 +86,7 @@ def create_schema(env: dict[str, str]) -> None:
 
 def _sql(statement: str, schema: str, **names: str) -> Composed:
     identifiers = {key: Identifier(value) for key, value in names.items()}
-    return SQL(statement).format(schema=Identifier(schema), **identifiers)  # type: ignore[arg-type]
+    return SQL(statement).format(schema=Identifier(schema), **identifiers)
 
 
 class PostgresIndexRecorder(PostgresApplicationRecorder):
@@ -102,26 +102,34 @@ class PostgresIndexRecorder(PostgresApplicationRecorder):
             " %(version)s, %(created_at)s, %(updated_at)s, %(doc)s::jsonb)"
             " ON CONFLICT (saga_uuid) DO UPDATE SET state = EXCLUDED.state, version = EXCLUDED.version,"
             " updated_at = EXCLUDED.updated_at, doc = EXCLUDED.doc"
-            " WHERE saga_status.version <= EXCLUDED.version", s)
+            " WHERE saga_status.version <= EXCLUDED.version",
+            s,
+        )
         # Writing a row releases any lease on it: the events just saved say what is due next.
         self.upsert_work = _sql(
             "INSERT INTO {schema}.saga_work VALUES (%s, %s, %s, NULL, NULL) ON CONFLICT (saga_uuid)"
             " DO UPDATE SET due_at = EXCLUDED.due_at, version = EXCLUDED.version,"
-            " lease_owner = NULL, lease_until = NULL", s)
+            " lease_owner = NULL, lease_until = NULL",
+            s,
+        )
         self.delete_work = _sql("DELETE FROM {schema}.saga_work WHERE saga_uuid = ANY(%s)", s)
         # We hold the events table's EXCLUSIVE lock here, so max(notification_id) is our last event.
         self.track = _sql(
             "INSERT INTO {schema}.saga_status_tracking"
             " SELECT %s, max(notification_id) FROM {schema}.{events} "
             " ON CONFLICT (application_name) DO UPDATE SET notification_id = EXCLUDED.notification_id",
-            s, events=self.events_table_name)
+            s,
+            events=self.events_table_name,
+        )
         # SKIP LOCKED: concurrent workers each take different rows instead of queueing on the same ones.
         self.claim_sql = _sql(
             "UPDATE {schema}.saga_work w SET lease_owner = %(owner)s, lease_until = %(until)s"
             " FROM (SELECT saga_uuid FROM {schema}.saga_work"
             "       WHERE due_at <= %(now)s AND (lease_until IS NULL OR lease_until < %(now)s)"
             "       ORDER BY due_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED) c"
-            " WHERE w.saga_uuid = c.saga_uuid RETURNING w.saga_uuid, w.version", s)
+            " WHERE w.saga_uuid = c.saga_uuid RETURNING w.saga_uuid, w.version",
+            s,
+        )
         self.schema_name = s
 
     def _insert_stored_events(self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent], **kwargs: Any) -> None:
@@ -156,14 +164,17 @@ class PostgresIndexRecorder(PostgresApplicationRecorder):
                 curs.execute(
                     _sql(
                         "UPDATE {schema}.saga_work SET due_at = %s, lease_owner = NULL, lease_until = NULL"
-                        " WHERE saga_uuid = %s AND version = %s", self.schema_name),
+                        " WHERE saga_uuid = %s AND version = %s",
+                        self.schema_name,
+                    ),
                     (due_at, saga_uuid, version),
                 )
 
     def next_due(self) -> datetime | None:
         with self.datastore.transaction(commit=False) as curs:
-            curs.execute(_sql(
-                "SELECT min(GREATEST(due_at, lease_until)) AS due FROM {schema}.saga_work", self.schema_name))
+            curs.execute(
+                _sql("SELECT min(GREATEST(due_at, lease_until)) AS due FROM {schema}.saga_work", self.schema_name)
+            )
             row = curs.fetchone()
         return None if row is None else row["due"]
 
@@ -171,7 +182,9 @@ class PostgresIndexRecorder(PostgresApplicationRecorder):
         with self.datastore.transaction(commit=False) as curs:
             curs.execute(
                 _sql("SELECT doc::text AS doc FROM {schema}.saga_status WHERE saga_uuid = %s", self.schema_name),
-                (saga_uuid,), prepare=True)
+                (saga_uuid,),
+                prepare=True,
+            )
             row = curs.fetchone()
         return None if row is None else row["doc"].encode()
 
@@ -194,9 +207,13 @@ class PostgresIndexRecorder(PostgresApplicationRecorder):
 
     def status_position(self) -> int | None:
         with self.datastore.transaction(commit=False) as curs:
-            curs.execute(_sql(
-                "SELECT notification_id FROM {schema}.saga_status_tracking WHERE application_name = %s",
-                self.schema_name), (APPLICATION_NAME,))
+            curs.execute(
+                _sql(
+                    "SELECT notification_id FROM {schema}.saga_status_tracking WHERE application_name = %s",
+                    self.schema_name,
+                ),
+                (APPLICATION_NAME,),
+            )
             row = curs.fetchone()
         return None if row is None else int(row["notification_id"])
 
@@ -208,10 +225,14 @@ class PostgresIndexRecorder(PostgresApplicationRecorder):
             if entries:
                 curs.executemany(self.upsert_status, [_status_params(e) for e in entries])
             if position is not None:
-                curs.execute(_sql(
-                    "INSERT INTO {schema}.saga_status_tracking VALUES (%s, %s) ON CONFLICT (application_name)"
-                    " DO UPDATE SET notification_id = EXCLUDED.notification_id", self.schema_name),
-                    (APPLICATION_NAME, position))
+                curs.execute(
+                    _sql(
+                        "INSERT INTO {schema}.saga_status_tracking VALUES (%s, %s) ON CONFLICT (application_name)"
+                        " DO UPDATE SET notification_id = EXCLUDED.notification_id",
+                        self.schema_name,
+                    ),
+                    (APPLICATION_NAME, position),
+                )
 
 
 def _status_params(entry: IndexEntry) -> dict[str, Any]:

@@ -60,8 +60,14 @@ def epoch(moment: datetime) -> float:
 def status_params(entry: IndexEntry) -> tuple[Any, ...]:
     """The status row of an entry, in column order."""
     return (
-        entry.saga_uuid.hex, entry.saga_id, entry.saga, entry.state, entry.version,
-        epoch(entry.created_at), epoch(entry.updated_at), entry.doc,
+        entry.saga_uuid.hex,
+        entry.saga_id,
+        entry.saga,
+        entry.state,
+        entry.version,
+        epoch(entry.created_at),
+        epoch(entry.updated_at),
+        entry.doc,
     )
 
 
@@ -71,7 +77,9 @@ class SQLiteIndexRecorder(SQLiteApplicationRecorder):
     def construct_create_table_statements(self) -> list[str]:
         return [*super().construct_create_table_statements(), *SCHEMA]
 
-    def _insert_events(self, c: SQLiteCursor, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
+    def _insert_events(
+        self, c: SQLiteCursor, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
         ids = super()._insert_events(c, stored_events, **kwargs)
         entries: Sequence[IndexEntry] = kwargs.get("index", ())
         if entries:

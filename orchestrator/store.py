@@ -77,7 +77,7 @@ class SagaIndex(Protocol):
         """Upsert status rows (and the tracking position) outside an event save; ``reset`` empties first."""
 
 
-class EventStore(Application):
+class EventStore(Application[UUID]):
     """The eventsourcing application that stores every saga's events."""
 
     name = APPLICATION_NAME
@@ -130,12 +130,16 @@ def parse_database_url(url: str | None) -> Database:
             raise ConfigurationError(f"the directory of the SQLite file {path!r} does not exist")
         from orchestrator.sqlite import SQLiteIndexRecorder
 
-        return Database(url, "sqlite", {
-            "PERSISTENCE_MODULE": "eventsourcing.sqlite",
-            "SQLITE_DBNAME": path,
-            "SQLITE_LOCK_TIMEOUT": "30",
-            "APPLICATION_RECORDER_TOPIC": get_topic(SQLiteIndexRecorder),
-        })
+        return Database(
+            url,
+            "sqlite",
+            {
+                "PERSISTENCE_MODULE": "eventsourcing.sqlite",
+                "SQLITE_DBNAME": path,
+                "SQLITE_LOCK_TIMEOUT": "30",
+                "APPLICATION_RECORDER_TOPIC": get_topic(SQLiteIndexRecorder),
+            },
+        )
     if scheme in ("postgresql", "postgres"):
         if not parts.path.strip("/"):
             raise ConfigurationError(f"PostgreSQL URL without a database name: {url!r}")

@@ -15,9 +15,8 @@ import signal
 import socket
 import threading
 import time
-import traceback
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import FrameType
@@ -114,9 +113,8 @@ class Worker:
             claimed = 0 if self.stopping.is_set() else self._claim()
             finished = self._reap()
             self._renew()
-            if not self.running:
-                if self.stopping.is_set() or (drain and not claimed and not finished):
-                    return
+            if not self.running and (self.stopping.is_set() or (drain and not claimed and not finished)):
+                return
             if not claimed and not finished:
                 self._idle()
 
@@ -148,7 +146,10 @@ class Worker:
     def _advance_intent(self) -> Intent:
         def intent(aggregate: SagaAggregate) -> Work | None:
             return aggregate.advance(
-                utcnow(), self.worker_id, self.lease, self.orch.policies[aggregate.run.saga],
+                utcnow(),
+                self.worker_id,
+                self.lease,
+                self.orch.policies[aggregate.run.saga],
                 claim=not self.stopping.is_set(),
             )
 
@@ -203,15 +204,21 @@ class Worker:
         saga = self.orch.sagas[aggregate.run.saga]
         node = next(n for n in saga.steps() if n.name == work.name)
         instance = self._instance(saga, aggregate, work)
+        args: tuple[Any, ...]
         if work.kind == "step":
-            fn, args, timeout = node.fn, (instance, instance.input), node.timeout
+            fn, args = node.fn, (instance, instance.input)
         else:
             assert node.compensation is not None
             result = _output(saga, node.name, aggregate.run.results.get(node.name))
-            fn, args, timeout = node.compensation.fn, (instance, instance.input, result), node.timeout
+            fn, args = node.compensation.fn, (instance, instance.input, result)
+        timeout = node.timeout
         context = {
-            "saga_id": aggregate.run.saga_id, "saga": saga.name, "step": work.name,
-            "attempt": work.attempt, "worker": self.worker_id, "kind": work.kind,
+            "saga_id": aggregate.run.saga_id,
+            "saga": saga.name,
+            "step": work.name,
+            "attempt": work.attempt,
+            "worker": self.worker_id,
+            "kind": work.kind,
         }
         policy = node.retry if work.kind == "step" or node.compensation is None else node.compensation.retry
         future = self.runner.submit(
@@ -248,7 +255,8 @@ class Worker:
                 outcome = running.future.result()
             elif running.deadline is not None and now >= running.deadline:
                 running.future.cancel()  # stops an async step; a sync one runs on, ignored
-                outcome = Outcome(error=f"TimeoutError: attempt timed out after {running.deadline - running.started:g} s")
+                seconds = running.deadline - running.started
+                outcome = Outcome(error=f"TimeoutError: attempt timed out after {seconds:g} s")
             else:
                 continue
             del self.running[uuid]
@@ -276,7 +284,7 @@ class Worker:
             return
         lease_until = utcnow() + timedelta(seconds=self.lease)
         changed = []
-        for uuid, running in due:
+        for _, running in due:
             running.renew_at = now + self.lease / 3
             if running.aggregate.renew(running.work, lease_until, utcnow()):
                 changed.append(running)
@@ -316,8 +324,12 @@ class Worker:
         work = running.work
         self.log.info(
             "attempt succeeded" if outcome.error is None else "attempt failed",
-            saga_id=running.aggregate.run.saga_id, saga=running.aggregate.run.saga, step=work.name,
-            kind=work.kind, attempt=work.attempt, ms=round((time.monotonic() - running.started) * 1000, 1),
+            saga_id=running.aggregate.run.saga_id,
+            saga=running.aggregate.run.saga,
+            step=work.name,
+            kind=work.kind,
+            attempt=work.attempt,
+            ms=round((time.monotonic() - running.started) * 1000, 1),
             error=outcome.error,
         )
 
