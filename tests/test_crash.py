@@ -1,0 +1,133 @@
+"""Crash and scale tests with real worker processes: SIGKILL mid-step, and two workers sharing load."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from orchestrator import Orchestrator, SagaState, Settings
+from tests.crash_app import SlowMiddle, ThreeSteps
+
+pytestmark = pytest.mark.slow
+
+
+def spawn_worker(database_url: str, log: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """A ``saga worker`` subprocess with a short lease, so a dead worker's step is retaken fast."""
+    env = {
+        **os.environ,
+        "SAGA_DATABASE_URL": database_url,
+        "SAGA_LEASE_SECONDS": "2",
+        "SAGA_POLL_INTERVAL": "0.1",
+        "CRASH_LOG": str(log),
+        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "--log-level", "warning", "worker", "--app", "tests.crash_app:app",
+         *extra],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def effects(log: Path) -> list[str]:
+    """The side-effect lines written so far."""
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def wait_for_line(log: Path, prefix: str, timeout: float = 30.0) -> None:
+    """Block until a side-effect line starting with ``prefix`` appears."""
+    deadline = time.monotonic() + timeout
+    while not any(line.startswith(prefix) for line in effects(log)):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {prefix!r} effect after {timeout} s: {effects(log)}")
+        time.sleep(0.05)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM a worker and wait for it to finish its attempts and exit cleanly."""
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr.decode()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def crash_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A database that survives the worker processes: a SQLite file, or a PostgreSQL schema."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'crash.db'}"
+    return str(request.getfixturevalue("pg_url"))
+
+
+def test_killed_worker_step_is_rerun_and_recorded_once(crash_url: str, tmp_path: Path) -> None:
+    """A worker SIGKILLed mid-step: another worker re-runs that step and finishes the saga, once."""
+    log = tmp_path / "effects.log"
+    with Orchestrator(sagas=[SlowMiddle, ThreeSteps], database=crash_url, settings=Settings.defaults()) as orch:
+        saga_id = orch.start(SlowMiddle, {"hold": 60.0}, saga_id="crash-1")
+        first = spawn_worker(crash_url, log)
+        try:
+            wait_for_line(log, "slow-start crash-1 attempt=1")
+        finally:
+            first.kill()
+            first.communicate(timeout=10)
+        assert first.returncode == -signal.SIGKILL
+        second = spawn_worker(crash_url, log)
+        try:
+            status = orch.wait(saga_id, timeout=60)
+        finally:
+            stop(second)
+        history = orch.history(saga_id)
+
+    assert status.state is SagaState.COMPLETED
+    lines = [line.split(" pid=")[0] for line in effects(log)]
+    assert lines.count("first crash-1 attempt=1") == 1  # the step before ran exactly once
+    assert lines.count("slow-start crash-1 attempt=1") == 1
+    assert "slow-done crash-1 attempt=1" not in lines  # the killed attempt never finished
+    assert lines.count("slow-done crash-1 attempt=2") == 1  # re-run: at least once in all
+    assert lines.count("last crash-1 attempt=1") == 1
+    outcomes = Counter((e.type, e.step) for e in history if e.type in ("StepSucceeded", "StepAttemptFailed"))
+    assert outcomes == {
+        ("StepSucceeded", "first"): 1,
+        ("StepAttemptFailed", "slow"): 1,  # the lost attempt counts as an attempt
+        ("StepSucceeded", "slow"): 1,
+        ("StepSucceeded", "last"): 1,
+    }
+    lost = next(e for e in history if e.type == "StepAttemptFailed")
+    assert "lease expired" in lost.data["error"]
+    assert [s.attempts for s in status.steps] == [1, 2, 1]
+
+
+@pytest.mark.postgres
+def test_two_workers_share_500_sagas(pg_url: str, tmp_path: Path) -> None:
+    """Two worker processes on PostgreSQL finish 500 sagas; every step outcome is recorded exactly once."""
+    log = tmp_path / "effects.log"
+    count = 500
+    with Orchestrator(sagas=[SlowMiddle, ThreeSteps], database=pg_url, settings=Settings.defaults()) as orch:
+        workers = [spawn_worker(pg_url, log) for _ in range(2)]
+        try:
+            ids = [orch.start(ThreeSteps, {"n": i}, saga_id=f"many-{i}") for i in range(count)]
+            deadline = time.monotonic() + 120
+            while len(orch.list(state="completed", limit=count)) < count:
+                assert time.monotonic() < deadline, "sagas left behind"
+                assert all(w.poll() is None for w in workers), "a worker died"
+                time.sleep(0.2)
+        finally:
+            for worker in workers:
+                stop(worker)
+        histories = {saga_id: orch.history(saga_id) for saga_id in ids}
+
+    for saga_id, history in histories.items():
+        succeeded = Counter(e.step for e in history if e.type == "StepSucceeded")
+        assert succeeded == {"one": 1, "two": 1, "three": 1}, saga_id
+        assert history[-1].type == "SagaCompleted"
+    lines = effects(log)
+    assert len({line.split(" pid=")[1] for line in lines}) == 2  # both workers took part
+    steps = Counter(line.split(" pid=")[0] for line in lines)
+    assert len(steps) == 3 * count  # every step ran
