@@ -62,7 +62,7 @@ def parse_json(text: str | None, what: str) -> dict[str, Any]:
 
 def status_table(statuses: Sequence[SagaStatus]) -> str:
     """A plain-text table of sagas, one line each."""
-    rows = [("SAGA ID", "SAGA", "STATE", "STEP", "UPDATED", "ERROR")]
+    rows = [("SAGA ID", "SAGA", "STATE", "STEP", "ATTEMPTS", "UPDATED", "ERROR")]
     for s in statuses:
         rows.append(
             (
@@ -70,8 +70,9 @@ def status_table(statuses: Sequence[SagaStatus]) -> str:
                 s.saga,
                 s.state.value,
                 s.current_step or "-",
+                str(sum(step.attempts + step.compensation_attempts for step in s.steps)),
                 s.updated_at.strftime("%H:%M:%S"),
-                (s.error or "")[:60],
+                (s.error or "")[:90],
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
@@ -246,10 +247,13 @@ def run(ctx: click.Context, app_spec: str, poll_interval: float) -> None:
 @cli.command()
 @click.option("--database", default=None, help="Database URL (default: SAGA_DATABASE_URL or sqlite:///sagaworks.db).")
 @click.option("--count", type=click.IntRange(1, 1000), default=12, show_default=True, help="Sagas to start.")
-def demo(database: str | None, count: int) -> None:
+@click.pass_context
+def demo(ctx: click.Context, database: str | None, count: int) -> None:
     """Run a mix of the example sagas on the embedded database and print their final states."""
-    from orchestrator.demo import run_demo
+    from sagas.demo import run_demo  # the CLI is the composition root; the engine never imports sagas
 
+    if ctx.parent is not None and ctx.parent.params.get("log_level") is None:
+        configure_logging(json=ctx.parent.params.get("json_logs"), level="warning")  # progress, not logs
     run_demo(database, count)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import threading
-import traceback
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -20,7 +19,8 @@ GivesUp = Callable[[BaseException], bool]
 
 def describe(error: BaseException) -> str:
     """One line naming the exception and its message, as recorded in the history."""
-    return "".join(traceback.format_exception_only(type(error), error)).strip()
+    message = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {message[0]}" if message else type(error).__name__
 
 
 def failure(error: BaseException, gives_up: GivesUp) -> Outcome:
@@ -93,8 +93,19 @@ class StepRunner:
         self.pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             if self._loop is not None:
+                # Let cancelled (timed-out) tasks unwind before the loop goes, or asyncio
+                # reports them as destroyed while pending.
+                asyncio.run_coroutine_threadsafe(_cancel_pending(), self._loop).result(timeout=5)
                 self._loop.call_soon_threadsafe(self._loop.stop)
                 assert self._loop_thread is not None
                 self._loop_thread.join(timeout=5)
                 self._loop.close()
                 self._loop = None
+
+
+async def _cancel_pending() -> None:
+    current = asyncio.current_task()
+    tasks = [task for task in asyncio.all_tasks() if task is not current]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

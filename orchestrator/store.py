@@ -121,9 +121,10 @@ def parse_database_url(url: str | None) -> Database:
     if scheme == "memory":
         return Database(url, "memory", {"PERSISTENCE_MODULE": "eventsourcing.popo"})
     if scheme == "sqlite":
-        path = unquote(url[len("sqlite://") :].lstrip("/") if parts.netloc else parts.path)
-        if url.startswith("sqlite:////"):
-            path = "/" + path
+        # As in SQLAlchemy: sqlite:///relative/path.db and sqlite:////absolute/path.db.
+        if not url.lower().startswith("sqlite:///"):
+            raise ConfigurationError(f"SQLite URLs look like sqlite:///sagaworks.db, not {url!r}")
+        path = unquote(url[len("sqlite:///") :].split("?")[0])
         if not path:
             raise ConfigurationError(f"SQLite URL without a file path: {url!r} (try sqlite:///sagaworks.db)")
         if not Path(path).parent.exists():
@@ -157,7 +158,7 @@ def parse_database_url(url: str | None) -> Database:
             # Never wait forever for the events table lock; a stuck writer surfaces as an error.
             "POSTGRES_LOCK_TIMEOUT": query.get("lock_timeout", "10"),
             "POSTGRES_CONNECT_TIMEOUT": query.get("connect_timeout", "10"),
-            "POSTGRES_PRE_PING": "y",
+            "POSTGRES_PRE_PING": "n",
             # Tables are created once, under an advisory lock (see postgres.py), never by each pool.
             "CREATE_TABLE": "n",
         }
