@@ -177,7 +177,8 @@ class EventReceived(SagaEvent):
         if run.waiting_for == self.event:
             run.waiting_for = run.wait_until = None
             run.state, run.due_at = SagaState.RUNNING, self.timestamp
-            run.pass_received_waits()
+        if run.in_flight is None and not run.compensating:
+            run.pass_received_waits()  # also a wait the saga stands at but has not parked on yet
 
 
 class WaitTimedOut(StepEvent):
@@ -209,6 +210,10 @@ class CancelRequested(SagaEvent):
     def evolve(self, run: SagaRun) -> None:
         if run.waiting_for is not None:
             run.nodes[run.cursor].state = StepState.PENDING
+        for node in run.nodes:
+            # A step between retries will not be tried again: it ends failed, not running.
+            if node.state is StepState.RUNNING and (run.in_flight is None or run.in_flight.name != node.plan.name):
+                node.state = StepState.FAILED
         run.cancel_requested = True
         run.error = "cancelled" + (f": {self.reason}" if self.reason else "")
         run.start_compensating(self.timestamp)
@@ -264,7 +269,7 @@ class SagaRetried(SagaEvent):
         for node in run.nodes:
             if node.compensation_failed:
                 node.compensation_failed, node.compensation_attempts = False, 0
-        run.state, run.due_at, run.error = SagaState.COMPENSATING, self.timestamp, None
+        run.state, run.due_at, run.error = SagaState.COMPENSATING, self.timestamp, run.cause
 
 
 class SagaCompleted(SagaEvent):

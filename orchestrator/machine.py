@@ -77,6 +77,8 @@ class SagaRun:
     compensating: bool = False
     cancel_requested: bool = False
     error: str | None = None
+    cause: str | None = None
+    """Why the saga turned back (kept when a retried compensation clears ``error``)."""
 
     def node(self, name: str) -> NodeRun:
         """The node called ``name``."""
@@ -96,6 +98,7 @@ class SagaRun:
 
     def start_compensating(self, at: datetime) -> None:
         """Turn back: from now on only compensations run."""
+        self.cause = self.error
         self.compensating = True
         self.waiting_for = self.wait_until = None
         self.state = SagaState.COMPENSATING

@@ -238,7 +238,7 @@ class Worker:
         instance.results = {name: _output(saga, name, value) for name, value in run.results.items()}
         instance.received = dict(run.received)
         instance.attempt = work.attempt
-        suffix = "" if work.kind == "step" else ":compensate"
+        suffix = "" if work.kind == "step" else "#compensate"  # '#' is in no step name: keys never collide
         instance.idempotency_key = f"{run.saga_id}:{work.name}{suffix}"
         instance.log = structlog.get_logger("sagaworks.step").bind(
             saga_id=run.saga_id, saga=saga.name, step=work.name, attempt=work.attempt, worker=self.worker_id
