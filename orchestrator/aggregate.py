@@ -202,7 +202,7 @@ class SagaAggregate(BaseAggregate[UUID]):
                 self._record(ev.StepAttemptFailed, now, name=name, attempt=attempt, error=error, retry_at=retry_at)
         else:
             limit = node.plan.compensation_max_attempts
-            if not retryable or attempt >= limit:
+            if not retryable or attempt - node.compensation_base >= limit:
                 self._record(ev.CompensationFailed, now, name=name, attempt=attempt, error=error)
             else:
                 retry_at = now + timedelta(seconds=policies[(kind, name)].delay(attempt, rand))

@@ -139,24 +139,61 @@ class Orchestrator:
         the id and starts nothing; with a different saga or input it raises ``SagaAlreadyStarted``.
         """
         saga_class = self.saga_class(saga)
-        payload = self.validate_input(saga_class, input)
+        aggregate = self._new_saga(saga_class, input, saga_id, start_at)
+        try:
+            self.save([aggregate])
+        except IntegrityError:
+            # Either started before, or our own commit landed and its acknowledgement was lost.
+            existing = self._load(aggregate.run.saga_id)
+            if existing.run.saga != saga_class.name or existing.run.input != aggregate.run.input:
+                raise SagaAlreadyStarted(
+                    f"saga id {aggregate.run.saga_id!r} was already used to start {existing.run.saga} with other input"
+                ) from None
+        return aggregate.run.saga_id
+
+    def start_many(
+        self,
+        saga: SagaRef,
+        inputs: Iterable[BaseModel | dict[str, Any]],
+        *,
+        saga_ids: Iterable[str] | None = None,
+        start_at: datetime | None = None,
+    ) -> builtins.list[str]:
+        """Start many sagas of one kind in one transaction; each behaves as ``start`` would.
+
+        Every input is validated first: one bad input raises and starts nothing.
+        """
+        saga_class = self.saga_class(saga)
+        inputs = builtins.list(inputs)
+        ids: builtins.list[str | None] = [None] * len(inputs) if saga_ids is None else builtins.list(saga_ids)
+        if len(ids) != len(inputs):
+            raise InvalidInput(f"{len(inputs)} inputs but {len(ids)} saga ids")
+        if len({i for i in ids if i is not None}) != len([i for i in ids if i is not None]):
+            raise InvalidInput("saga_ids repeat an id")
+        aggregates = [self._new_saga(saga_class, data, i, start_at) for data, i in zip(inputs, ids, strict=True)]
+        if not aggregates:
+            return []
+        try:
+            self.save(aggregates)
+        except IntegrityError:  # some were started before: settle each as start() does
+            return [self.start(saga_class, a.run.input, saga_id=a.run.saga_id, start_at=start_at) for a in aggregates]
+        return [a.run.saga_id for a in aggregates]
+
+    def _new_saga(
+        self,
+        saga_class: type[Saga[Any]],
+        data: BaseModel | dict[str, Any],
+        saga_id: str | None,
+        start_at: datetime | None,
+    ) -> SagaAggregate:
+        payload = self.validate_input(saga_class, data)
         if start_at is not None and (not isinstance(start_at, datetime) or start_at.utcoffset() is None):
             raise InvalidInput(f"start_at must be a timezone-aware datetime, not {start_at!r}")
         if saga_id is None:
             saga_id = uuid4().hex
         elif not isinstance(saga_id, str) or not saga_id.strip() or len(saga_id) > 200:
             raise InvalidInput(f"saga_id must be a non-empty string of at most 200 characters, not {saga_id!r}")
-        aggregate = SagaAggregate.start(saga_class, saga_id, payload, utcnow(), start_at)
-        try:
-            self.save([aggregate])
-        except IntegrityError:
-            # Either started before, or our own commit landed and its acknowledgement was lost.
-            existing = self._load(saga_id)
-            if existing.run.saga != saga_class.name or existing.run.input != payload:
-                raise SagaAlreadyStarted(
-                    f"saga id {saga_id!r} was already used to start {existing.run.saga} with other input"
-                ) from None
-        return saga_id
+        return SagaAggregate.start(saga_class, saga_id, payload, utcnow(), start_at)
 
     def send(self, saga_id: str, event: str, data: BaseModel | dict[str, Any] | None = None) -> None:
         """Deliver ``event`` to a saga that waits for it, now or later in its plan.

@@ -6,6 +6,7 @@ with a ``DefinitionError`` instead of half-way through a saga in production.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,7 +48,9 @@ class Compensation:
     def __init__(self, step: StepDef, fn: Fn, retry: RetryPolicy | None) -> None:
         self.step = step
         self.fn = fn
+        self.own_retry = retry
         self.retry = retry or step.retry
+        """The compensation's own policy, else its step's."""
         self.is_async = inspect.iscoroutinefunction(fn)
 
 
@@ -63,6 +66,8 @@ class StepDef:
         self.timeout = timeout
         self.is_async = inspect.iscoroutinefunction(fn)
         self.compensation: Compensation | None = None
+        """Set on the saga class's own copy of the step, when the class is created."""
+        self.origin: StepDef = self
         self._output: TypeAdapter[Any] | None = None
 
     @property
@@ -78,16 +83,23 @@ class StepDef:
     def compensate(self, *, retry: Any = None) -> Callable[[Fn], Compensation]: ...
 
     def compensate(self, fn: Fn | None = None, /, *, retry: Any = None) -> Any:  # type: ignore[misc]
-        """Declare the method that undoes this step (``@step.compensate`` or ``(retry=...)``)."""
+        """Declare the method that undoes this step (``@step.compensate`` or ``(retry=...)``).
+
+        Nothing changes on this step object: the saga class being defined attaches the
+        compensation to its own copy, so a subclass never alters its parent.
+        """
         policy = normalize_retry(retry) if retry is not None else None
 
         def register(function: Fn) -> Compensation:
-            if self.compensation is not None:
-                raise DefinitionError(f"step {self.name!r} already has a compensation")
-            self.compensation = Compensation(self, function, policy)
-            return self.compensation
+            return Compensation(self, function, policy)
 
         return register if fn is None else register(fn)
+
+    def with_compensation(self, compensation: Compensation) -> StepDef:
+        """A copy of this step that ``compensation`` undoes."""
+        clone = copy.copy(self)
+        clone.compensation = Compensation(clone, compensation.fn, compensation.own_retry)
+        return clone
 
 
 @dataclass(frozen=True)
@@ -243,13 +255,23 @@ def _collect_nodes(cls: type) -> tuple[Node, ...]:
             raise DefinitionError(f"{cls.__qualname__}: duplicate step name {attr!r}")
         names.add(attr)
         nodes.append(value)
-    steps = [node for node in nodes if isinstance(node, StepDef)]
+    undone: set[str] = set()
     for compensation in compensations:
-        if compensation.step not in steps:
+        origin = compensation.step.origin
+        index = next((i for i, n in enumerate(nodes) if isinstance(n, StepDef) and n.origin is origin), None)
+        if index is None:
             raise DefinitionError(
                 f"{cls.__qualname__}: compensation {compensation.fn.__name__!r} "
                 f"undoes step {compensation.step.name!r}, which is not a step of this saga"
             )
+        target = nodes[index]
+        assert isinstance(target, StepDef)
+        if target.name in undone:
+            raise DefinitionError(f"{cls.__qualname__}: step {target.name!r} has two compensations")
+        undone.add(target.name)
+        nodes[index] = target.with_compensation(compensation)
+        setattr(cls, target.name, nodes[index])
+    steps = [node for node in nodes if isinstance(node, StepDef)]
     events = [node.event for node in nodes if isinstance(node, WaitDef)]
     if len(events) != len(set(events)):
         raise DefinitionError(f"{cls.__qualname__}: two wait_for() wait for the same event")

@@ -268,7 +268,9 @@ class SagaRetried(SagaEvent):
     def evolve(self, run: SagaRun) -> None:
         for node in run.nodes:
             if node.compensation_failed:
-                node.compensation_failed, node.compensation_attempts = False, 0
+                # Numbers go on from the last attempt, so a hung worker's late outcome for an
+                # old attempt can never be mistaken for the new one's.
+                node.compensation_failed, node.compensation_base = False, node.compensation_attempts
         run.state, run.due_at, run.error = SagaState.COMPENSATING, self.timestamp, run.cause
 
 

@@ -42,6 +42,8 @@ class NodeRun:
     last_error: str | None = None
     compensation_attempts: int = 0
     compensation_failed: bool = False
+    compensation_base: int = 0
+    """Attempts made before the last ``retry``; attempt numbers keep counting, budgets restart."""
 
 
 @dataclass

@@ -30,7 +30,7 @@ class RetryPolicy(BaseModel):
     ``min(initial_interval * backoff ** (n - 1), max_interval)``, spread by ``jitter``.
     """
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     max_attempts: int = Field(default=3, ge=1)
     """Attempts in all, the first included (default 3)."""
@@ -76,6 +76,6 @@ def normalize_retry(retry: Any) -> RetryPolicy:
             return RetryPolicy(max_attempts=retry)
         if isinstance(retry, dict):
             return RetryPolicy(**retry)
-    except ValueError as error:
+    except (TypeError, ValueError) as error:
         raise DefinitionError(f"bad retry policy {retry!r}: {error}") from error
     raise DefinitionError(f"retry must be a RetryPolicy, an int or a dict, not {retry!r}")

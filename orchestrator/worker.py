@@ -11,10 +11,12 @@ that saga is reloaded and decided again.
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -80,6 +82,8 @@ class Worker:
         self.running: dict[UUID, Running] = {}
         self.runner = StepRunner(self.concurrency)
         self.log = log.bind(worker=self.worker_id)
+        self.stats: Counter[str] = Counter()
+        """Transactions by kind (claims, saves, releases), attempts run, and conflicts met."""
 
     def stop(self) -> None:
         """Ask the worker to finish the attempts in hand and return."""
@@ -105,7 +109,8 @@ class Worker:
             self.runner.close()
             if restore is not None:
                 restore()
-            self.log.info("worker stopped")
+            peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            self.log.info("worker stopped", peak_rss_mb=round(peak_rss_mb, 1), **self.stats)
 
     def _loop(self, drain: bool) -> None:
         while True:
@@ -128,6 +133,7 @@ class Worker:
         claims = self.orch.store.index.claim(
             self.worker_id, now, now + timedelta(seconds=self.lease), min(capacity, self.batch_size)
         )
+        self.stats["claims"] += 1
         if not claims:
             return 0
         batch = Batch()
@@ -166,8 +172,10 @@ class Worker:
         changed = [aggregate for aggregate, _ in results.values() if aggregate.pending_events]
         try:
             if changed:
+                self.stats["saves"] += 1
                 self.orch.save(changed)
         except IntegrityError:
+            self.stats["conflicts"] += 1
             # Someone else wrote to one of these sagas; the batch is void. Redo each saga alone,
             # from a fresh load, so the conflict costs only the saga that had it.
             results = {}
@@ -188,14 +196,17 @@ class Worker:
             if not aggregate.pending_events:
                 return aggregate, work
             try:
+                self.stats["saves"] += 1
                 self.orch.save([aggregate])
                 return aggregate, work
             except IntegrityError:
+                self.stats["conflicts"] += 1
                 continue
         self.log.warning("gave up recording after repeated conflicts", saga_uuid=str(uuid))
         return None
 
     def _release(self, aggregate: SagaAggregate) -> None:
+        self.stats["releases"] += 1
         self.orch.store.index.release(aggregate.id, aggregate.version, aggregate.run.due_at)
 
     # Running
@@ -225,6 +236,7 @@ class Worker:
             fn, args, context, lambda value: _serialise(node, work, value, instance), policy.gives_up
         )
         future.add_done_callback(lambda _: self.orch.wakeup.set())
+        self.stats["attempts"] += 1
         now = time.monotonic()
         self.running[aggregate.id] = Running(
             work, aggregate, future, now, None if timeout is None else now + timeout, now + self.lease / 3
@@ -288,7 +300,10 @@ class Worker:
             running.renew_at = now + self.lease / 3
             if running.aggregate.renew(running.work, lease_until, utcnow()):
                 changed.append(running)
+        if not changed:
+            return
         try:
+            self.stats["saves"] += 1
             self.orch.save([r.aggregate for r in changed])
         except IntegrityError:
             for running in changed:
