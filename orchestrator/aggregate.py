@@ -28,6 +28,8 @@ from orchestrator.retry import RetryPolicy
 from orchestrator.status import SagaState
 
 TOPIC = "sagaworks.Saga"
+JITTER = random.Random()
+"""Draws the jitter of retry delays (seeding a generator per decision costs more than the decision)."""
 
 
 def aggregate_id(saga_id: str) -> UUID:
@@ -108,7 +110,13 @@ class SagaAggregate(BaseAggregate[UUID]):
         """Aggregates are made by ``start`` or replay, never directly."""
 
     def _record(self, event_class: type[ev.SagaEvent], now: datetime, **data: Any) -> None:
-        self.trigger_event(event_class, timestamp=now, **data)
+        # The engine builds its own events from values it already holds, typed: skip validation
+        # (the mapper validates everything read back from storage).
+        event = event_class.model_construct(
+            originator_id=self.id, originator_version=self.version + 1, timestamp=now, **data
+        )
+        event.mutate(self)
+        self.pending_events.append(event)
 
     def advance(
         self,
@@ -123,7 +131,7 @@ class SagaAggregate(BaseAggregate[UUID]):
 
         With ``claim=False`` (a worker shutting down) no new attempt is started.
         """
-        rand = random.Random()
+        rand = JITTER
         for _ in range(4 * len(self.run.nodes) + 8):
             action = next_action(self.run, now)
             if isinstance(action, Sleep):
@@ -174,9 +182,7 @@ class SagaAggregate(BaseAggregate[UUID]):
             else:
                 self._record(ev.CompensationSucceeded, now, name=work.name, attempt=work.attempt)
         else:
-            self._fail(
-                work.kind, work.name, work.attempt, outcome.error, outcome.retryable, now, policies, random.Random()
-            )
+            self._fail(work.kind, work.name, work.attempt, outcome.error, outcome.retryable, now, policies, JITTER)
         return True
 
     def _fail(

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 from eventsourcing.persistence import IntegrityError
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -54,7 +54,7 @@ def index_entry(aggregate: SagaAggregate) -> IndexEntry:
         due_at=run.due_at,
         created_at=run.created_at,
         updated_at=run.updated_at,
-        doc=run.to_status().model_dump_json().encode(),
+        doc=run.status_json(),
     )
 
 
@@ -361,13 +361,23 @@ class Orchestrator:
 
     def save(self, aggregates: builtins.list[SagaAggregate]) -> None:
         """Record the aggregates' pending events with their index rows, in one transaction."""
-        self.store.save(*aggregates, index=[index_entry(a) for a in aggregates])
+        self.store.save_sagas(aggregates, [index_entry(a) for a in aggregates])
         self.wakeup.set()
 
     def load(self, saga_uuid: Any) -> SagaAggregate:
         """The current aggregate of a saga, by aggregate id."""
         aggregate: SagaAggregate = self.store.repository.get(saga_uuid)
         return aggregate
+
+    def load_many(self, saga_uuids: builtins.list[UUID]) -> dict[UUID, SagaAggregate]:
+        """The current aggregates of many sagas, read in one query."""
+        store = self.store
+        aggregates: dict[UUID, SagaAggregate] = {}
+        for record in store.index.select_events_many(saga_uuids):
+            event: Any = store.mapper.to_domain_event(record)
+            uuid = event.originator_id
+            aggregates[uuid] = event.mutate(aggregates.get(uuid))
+        return aggregates
 
     def _load(self, saga_id: str) -> SagaAggregate:
         from eventsourcing.application import AggregateNotFoundError

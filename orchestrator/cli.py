@@ -257,6 +257,45 @@ def demo(ctx: click.Context, database: str | None, count: int) -> None:
     run_demo(database, count)
 
 
+@cli.command()
+@click.option("--workload", type=click.Choice(["ok", "compensate", "wait", "status"]), default="ok", show_default=True)
+@click.option("--backend", type=click.Choice(["sqlite", "postgres", "memory"]), default="sqlite", show_default=True)
+@click.option("--sagas", type=click.IntRange(1), default=None, help="Sagas per run [default: 5000; status: 200000].")
+@click.option(
+    "--workers",
+    type=click.IntRange(0),
+    default=2,
+    show_default=True,
+    help="Worker processes under load; 0 runs one worker in a thread of the bench (the only way for memory).",
+)
+@click.option(
+    "--database",
+    default=None,
+    help="PostgreSQL server for --backend postgres, where a bench_* schema is made and dropped "
+    "[default: SAGA_DATABASE_URL if postgresql, else postgresql://postgres@127.0.0.1:5432/test].",
+)
+@click.option("--limit", is_flag=True, help="Also measure single-row INSERT+COMMIT/s on 1 and 4 connections.")
+@click.option("--runs", type=click.IntRange(1), default=1, show_default=True, help="Fresh databases; medians.")
+@click.option("--unloaded-samples", type=click.IntRange(0), default=30, show_default=True)
+@click.option("--start-batch", type=click.IntRange(1), default=200, show_default=True, help="Sagas per start_many.")
+@click.option("--concurrency", type=click.IntRange(1), default=None, help="SAGA_CONCURRENCY of the workers.")
+@click.option("--batch-size", type=click.IntRange(1), default=None, help="SAGA_BATCH_SIZE of the workers.")
+@click.option("--json-only", is_flag=True, help="Print only the JSON line.")
+@click.pass_context
+def bench(ctx: click.Context, /, json_only: bool, **options: Any) -> None:
+    """Measure a workload on a fresh database: throughput, latency, transactions; one JSON line last."""
+    from benchmarks.bench import BenchOptions, json_line, run_bench  # the CLI is the composition root
+
+    if ctx.parent is not None and ctx.parent.params.get("log_level") is None:
+        configure_logging(json=ctx.parent.params.get("json_logs"), level="warning")  # progress, not logs
+    say = (lambda _: None) if json_only else (lambda line: click.echo(line))
+    try:
+        result = run_bench(BenchOptions(**options), say)
+    except RuntimeError as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(json_line(result))
+
+
 def main() -> None:
     """Entry point of the ``saga`` script."""
     cli(prog_name="saga")

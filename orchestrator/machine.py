@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict
 
 from orchestrator.status import SagaState, SagaStatus, StepState, StepStatus
@@ -130,6 +131,35 @@ class SagaRun:
             node = self.next_compensation()
             return node.plan.name if node else None
         return self.nodes[self.cursor].plan.name if self.cursor < len(self.nodes) else None
+
+    def status_json(self) -> bytes:
+        """``to_status()`` as JSON, built directly: this runs on every save."""
+        return orjson.dumps(
+            {
+                "saga_id": self.saga_id,
+                "saga": self.saga,
+                "version": self.version,
+                "state": self.state.value,
+                "current_step": self.current_step(),
+                "steps": [
+                    {
+                        "name": node.plan.name,
+                        "state": node.state.value,
+                        "attempts": node.attempts,
+                        "last_error": node.last_error,
+                        "kind": node.plan.kind,
+                        "compensation_attempts": node.compensation_attempts,
+                    }
+                    for node in self.nodes
+                ],
+                "result": self.results,
+                "error": self.error,
+                "created_at": self.created_at,
+                "updated_at": self.updated_at,
+                "due_at": self.due_at,
+                "waiting_for": self.waiting_for,
+            }
+        )
 
     def to_status(self) -> SagaStatus:
         """The caller's view of this state."""

@@ -94,3 +94,6 @@ class MemoryRecorder(POPOApplicationRecorder):
                     self.status[entry.saga_uuid] = entry
             if position is not None:
                 self.position = position
+
+    def select_events_many(self, saga_uuids: list[UUID]) -> list[StoredEvent]:
+        return [event for uuid in saga_uuids for event in self.select_events(uuid)]

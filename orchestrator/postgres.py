@@ -16,7 +16,7 @@ from psycopg.rows import DictRow
 from psycopg.sql import SQL, Composed, Identifier
 
 from orchestrator.errors import ConfigurationError
-from orchestrator.store import APPLICATION_NAME, Claim, IndexEntry, entry_fields
+from orchestrator.store import APPLICATION_NAME, Claim, IndexEntry
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS {schema}.saga_work (
@@ -96,10 +96,11 @@ class PostgresIndexRecorder(PostgresApplicationRecorder):
         super().__init__(datastore, **kwargs)
         s = self.datastore.schema
         self.sql_create_statements.append(_sql(SCHEMA, s))
+        # One statement per table for the whole batch (arrays unnested), not one per saga.
         # Equal versions may be rewritten by a rebuild; earlier ones never overwrite later ones.
         self.upsert_status = _sql(
-            "INSERT INTO {schema}.saga_status VALUES (%(saga_uuid)s, %(saga_id)s, %(saga)s, %(state)s,"
-            " %(version)s, %(created_at)s, %(updated_at)s, %(doc)s::jsonb)"
+            "INSERT INTO {schema}.saga_status SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[],"
+            " %s::text[], %s::int[], %s::timestamptz[], %s::timestamptz[], %s::jsonb[])"
             " ON CONFLICT (saga_uuid) DO UPDATE SET state = EXCLUDED.state, version = EXCLUDED.version,"
             " updated_at = EXCLUDED.updated_at, doc = EXCLUDED.doc"
             " WHERE saga_status.version <= EXCLUDED.version",
@@ -107,10 +108,17 @@ class PostgresIndexRecorder(PostgresApplicationRecorder):
         )
         # Writing a row releases any lease on it: the events just saved say what is due next.
         self.upsert_work = _sql(
-            "INSERT INTO {schema}.saga_work VALUES (%s, %s, %s, NULL, NULL) ON CONFLICT (saga_uuid)"
-            " DO UPDATE SET due_at = EXCLUDED.due_at, version = EXCLUDED.version,"
+            "INSERT INTO {schema}.saga_work"
+            " SELECT u, d, v, NULL, NULL FROM unnest(%s::uuid[], %s::timestamptz[], %s::int[]) AS t(u, d, v)"
+            " ON CONFLICT (saga_uuid) DO UPDATE SET due_at = EXCLUDED.due_at, version = EXCLUDED.version,"
             " lease_owner = NULL, lease_until = NULL",
             s,
+        )
+        self.select_many = _sql(
+            "SELECT originator_id, originator_version, topic, state FROM {schema}.{events}"
+            " WHERE originator_id = ANY(%s) ORDER BY originator_id, originator_version",
+            s,
+            events=self.events_table_name,
         )
         self.delete_work = _sql("DELETE FROM {schema}.saga_work WHERE saga_uuid = ANY(%s)", s)
         # We hold the events table's EXCLUSIVE lock here, so max(notification_id) is our last event.
@@ -139,10 +147,13 @@ class PostgresIndexRecorder(PostgresApplicationRecorder):
         # the notification ids to the library, and the lock orders our rows like the events.
         with curs.connection.cursor() as index:
             if entries:
-                index.executemany(self.upsert_status, [_status_params(e) for e in entries])
-                dues = [(e.saga_uuid, e.due_at, e.version) for e in entries if e.due_at is not None]
+                index.execute(self.upsert_status, _status_columns(entries))
+                dues = [e for e in entries if e.due_at is not None]
                 if dues:
-                    index.executemany(self.upsert_work, dues)
+                    index.execute(
+                        self.upsert_work,
+                        ([e.saga_uuid for e in dues], [e.due_at for e in dues], [e.version for e in dues]),
+                    )
                 done = [e.saga_uuid for e in entries if e.due_at is None]
                 if done:
                     index.execute(self.delete_work, (done,))
@@ -169,6 +180,16 @@ class PostgresIndexRecorder(PostgresApplicationRecorder):
                     ),
                     (due_at, saga_uuid, version),
                 )
+
+    def select_events_many(self, saga_uuids: list[UUID]) -> list[StoredEvent]:
+        if not saga_uuids:
+            return []
+        with self.datastore.transaction(commit=False) as curs:
+            curs.execute(self.select_many, (saga_uuids,), prepare=True)
+            return [
+                StoredEvent(row["originator_id"], row["originator_version"], row["topic"], bytes(row["state"]))
+                for row in curs.fetchall()
+            ]
 
     def next_due(self) -> datetime | None:
         with self.datastore.transaction(commit=False) as curs:
@@ -223,7 +244,7 @@ class PostgresIndexRecorder(PostgresApplicationRecorder):
                 curs.execute(_sql("DELETE FROM {schema}.saga_status", self.schema_name))
                 curs.execute(_sql("DELETE FROM {schema}.saga_status_tracking", self.schema_name))
             if entries:
-                curs.executemany(self.upsert_status, [_status_params(e) for e in entries])
+                curs.execute(self.upsert_status, _status_columns(entries))
             if position is not None:
                 curs.execute(
                     _sql(
@@ -235,10 +256,17 @@ class PostgresIndexRecorder(PostgresApplicationRecorder):
                 )
 
 
-def _status_params(entry: IndexEntry) -> dict[str, Any]:
-    fields = entry_fields(entry)
-    fields["doc"] = entry.doc.decode()
-    return fields
+def _status_columns(entries: Sequence[IndexEntry]) -> tuple[list[Any], ...]:
+    return (
+        [e.saga_uuid for e in entries],
+        [e.saga_id for e in entries],
+        [e.saga for e in entries],
+        [e.state for e in entries],
+        [e.version for e in entries],
+        [e.created_at for e in entries],
+        [e.updated_at for e in entries],
+        [e.doc.decode() for e in entries],
+    )
 
 
 class Listener:
@@ -275,3 +303,54 @@ class Listener:
             except psycopg.Error:
                 self.wakeup.set()
                 self.stopping.wait(1.0)
+
+
+def insert_commit_rate(env: dict[str, str], connections: int, seconds: float) -> float:
+    """The storage limit ``saga bench --limit`` compares with: single-row INSERT+COMMIT per second.
+
+    Each of ``connections`` connections (one thread each) inserts one 100-byte row per transaction
+    into a scratch table of the configured schema for ``seconds``; the table is dropped afterwards.
+    """
+    import time
+    import uuid
+
+    schema = env.get("POSTGRES_SCHEMA", "public")
+    table = SQL("{}.{}").format(Identifier(schema), Identifier(f"saga_bench_limit_{uuid.uuid4().hex[:8]}"))
+    insert = SQL("INSERT INTO {} (data) VALUES (%s)").format(table)
+    payload = b"x" * 100
+    counts = [0] * connections
+    ready = threading.Barrier(connections + 1)
+    errors: list[BaseException] = []
+
+    def run(index: int, conn: psycopg.Connection[Any]) -> None:
+        try:
+            ready.wait()
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                conn.execute(insert, (payload,))
+                conn.commit()
+                counts[index] += 1
+        except BaseException as error:  # reported by the caller's thread
+            errors.append(error)
+
+    with psycopg.connect(conninfo(env), autocommit=True) as admin:
+        admin.execute(SQL("CREATE TABLE {} (id bigserial PRIMARY KEY, data bytea NOT NULL)").format(table))
+        try:
+            conns = [psycopg.connect(conninfo(env)) for _ in range(connections)]
+            try:
+                threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(conns)]
+                for thread in threads:
+                    thread.start()
+                ready.wait()
+                began = time.monotonic()
+                for thread in threads:
+                    thread.join()
+                elapsed = time.monotonic() - began
+            finally:
+                for conn in conns:
+                    conn.close()
+        finally:
+            admin.execute(SQL("DROP TABLE IF EXISTS {}").format(table))
+    if errors:
+        raise ConfigurationError(f"the insert+commit probe failed: {errors[0]}") from errors[0]
+    return sum(counts) / elapsed

@@ -152,3 +152,15 @@ class SQLiteIndexRecorder(SQLiteApplicationRecorder):
             c.executemany(UPSERT_STATUS, [status_params(e) for e in entries])
             if position is not None:
                 c.execute(TRACK, (position,))
+
+    def select_events_many(self, saga_uuids: list[UUID]) -> list[StoredEvent]:
+        if not saga_uuids:
+            return []
+        marks = ", ".join("?" * len(saga_uuids))
+        with self.datastore.transaction(commit=False) as c:
+            c.execute(
+                f"SELECT originator_id, originator_version, topic, state FROM {self.events_table_name}"
+                f" WHERE originator_id IN ({marks}) ORDER BY originator_id, originator_version",
+                [uuid.hex for uuid in saga_uuids],
+            )
+            return [StoredEvent(UUID(row[0]), row[1], row[2], bytes(row[3])) for row in c.fetchall()]

@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from uuid import UUID
 
 from eventsourcing.application import Application
-from eventsourcing.persistence import ApplicationRecorder, Mapper
+from eventsourcing.persistence import ApplicationRecorder, Mapper, StoredEvent
 from eventsourcing.utils import get_topic
 
 from orchestrator.errors import ConfigurationError
@@ -70,6 +70,9 @@ class SagaIndex(Protocol):
     def list_status(self, state: str | None, saga: str | None, limit: int) -> list[bytes]:
         """Status documents, newest first, filtered by state and saga name."""
 
+    def select_events_many(self, saga_uuids: list[UUID]) -> list[StoredEvent]:
+        """The stored events of many sagas in one query, ordered by saga then version."""
+
     def status_position(self) -> int | None:
         """The tracking position of the status read model (last notification it includes)."""
 
@@ -92,6 +95,15 @@ class EventStore(Application[UUID]):
 
             return MemoryRecorder()
         return super().construct_recorder()
+
+    def save_sagas(self, aggregates: list[Any], index: list[IndexEntry]) -> None:
+        """Record the aggregates' pending events and their index rows in one transaction.
+
+        Leaner than ``save()``: no protocol checks, snapshots or notification hooks, none of
+        which the engine uses.
+        """
+        events = [event for aggregate in aggregates for event in aggregate.collect_events()]
+        self.events.put(events, index=index)
 
     @property
     def index(self) -> SagaIndex:

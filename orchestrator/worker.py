@@ -26,7 +26,6 @@ from typing import Any
 from uuid import UUID
 
 import structlog
-from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.persistence import IntegrityError
 
 from orchestrator.aggregate import Outcome, SagaAggregate, Work
@@ -137,10 +136,10 @@ class Worker:
         if not claims:
             return 0
         batch = Batch()
+        aggregates = self.orch.load_many([claim.saga_uuid for claim in claims])
         for claim in claims:
-            try:
-                aggregate = self.orch.load(claim.saga_uuid)
-            except AggregateNotFoundError:  # pragma: no cover - a row always follows its events
+            aggregate = aggregates.get(claim.saga_uuid)
+            if aggregate is None:  # pragma: no cover - a row always follows its events
                 continue
             if aggregate.run.saga not in self.orch.sagas:
                 self.log.error("saga not registered in this worker", saga=aggregate.run.saga)
@@ -170,6 +169,7 @@ class Worker:
             assert aggregate is not None
             results[uuid] = (aggregate, intent(aggregate))
         changed = [aggregate for aggregate, _ in results.values() if aggregate.pending_events]
+        unchanged = {aggregate.id for aggregate, _ in results.values() if not aggregate.pending_events}
         try:
             if changed:
                 self.stats["saves"] += 1
@@ -178,27 +178,30 @@ class Worker:
             self.stats["conflicts"] += 1
             # Someone else wrote to one of these sagas; the batch is void. Redo each saga alone,
             # from a fresh load, so the conflict costs only the saga that had it.
-            results = {}
+            results, unchanged = {}, set()
             for uuid, (_, intent) in batch.intents.items():
                 redone = self._commit_one(uuid, intent)
                 if redone is not None:
-                    results[uuid] = redone
+                    results[uuid], changed_now = redone
+                    if not changed_now:
+                        unchanged.add(uuid)
         for uuid, (aggregate, work) in results.items():
-            if not aggregate.pending_events and work is None and uuid not in self.running:
-                self._release(aggregate)
+            if uuid in unchanged and work is None and uuid not in self.running:
+                self._release(aggregate)  # claimed, but nothing was due: hand the row back
             if work is not None:
                 self._start(aggregate, work)
 
-    def _commit_one(self, uuid: UUID, intent: Intent) -> tuple[SagaAggregate, Work | None] | None:
+    def _commit_one(self, uuid: UUID, intent: Intent) -> tuple[tuple[SagaAggregate, Work | None], bool] | None:
+        """Apply ``intent`` to a fresh load of one saga and save it; also say whether it changed."""
         for _ in range(5):
             aggregate = self.orch.load(uuid)
             work = intent(aggregate)
             if not aggregate.pending_events:
-                return aggregate, work
+                return (aggregate, work), False
             try:
                 self.stats["saves"] += 1
                 self.orch.save([aggregate])
-                return aggregate, work
+                return (aggregate, work), True
             except IntegrityError:
                 self.stats["conflicts"] += 1
                 continue
