@@ -84,6 +84,13 @@ class SagaAggregate(BaseAggregate[UUID]):
     """One saga instance; its state is ``run``, the fold of its events."""
 
     run: SagaRun
+    _input: Any = None
+
+    def input_model(self, saga: type[Saga[Any]]) -> Any:
+        """The saga's input, validated by its model once per loaded aggregate."""
+        if self._input is None:
+            self._input = saga.input_model.model_validate(self.run.input)
+        return self._input
 
     @classmethod
     def start(

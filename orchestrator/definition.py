@@ -7,12 +7,14 @@ with a ``DefinitionError`` instead of half-way through a saga in production.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, ClassVar, Generic, Literal, TypeVar, get_args, get_origin, get_type_hints, overload
 
+import structlog
 from pydantic import BaseModel, TypeAdapter
 
 from orchestrator.errors import DefinitionError
@@ -182,14 +184,21 @@ class Saga(Generic[InputT], metaclass=_SagaMeta):
     input_model: ClassVar[type[BaseModel]]
     nodes: ClassVar[tuple[Node, ...]]
 
+    step_map: ClassVar[dict[str, StepDef]]
+
     saga_id: str
     input: InputT
-    results: dict[str, Any]
+    results: Mapping[str, Any]
     received: dict[str, Any]
     attempt: int
     idempotency_key: str
-    log: Any
     _emitted: list[dict[str, Any]]
+    _log_context: dict[str, Any]
+
+    @functools.cached_property
+    def log(self) -> Any:
+        """A structlog logger bound to the saga id, saga, step, attempt and worker."""
+        return structlog.get_logger("sagaworks.step").bind(**self._log_context)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -200,6 +209,7 @@ class Saga(Generic[InputT], metaclass=_SagaMeta):
             raise DefinitionError(f"{cls.__qualname__}.name must be a non-empty string")
         cls.input_model = _find_input_model(cls)
         cls.nodes = _collect_nodes(cls)
+        cls.step_map = {node.name: node for node in cls.nodes if isinstance(node, StepDef)}
 
     def emit(self, event: BaseModel | dict[str, Any], *, name: str | None = None) -> None:
         """Record a domain event atomically with this step's outcome (dropped if the attempt fails)."""
@@ -214,7 +224,7 @@ class Saga(Generic[InputT], metaclass=_SagaMeta):
     @classmethod
     def steps(cls) -> list[StepDef]:
         """The steps in declaration order."""
-        return [node for node in cls.nodes if isinstance(node, StepDef)]
+        return list(cls.step_map.values())
 
     @classmethod
     def waits(cls) -> dict[str, WaitDef]:
@@ -278,3 +288,28 @@ def _collect_nodes(cls: type) -> tuple[Node, ...]:
     if not steps:
         raise DefinitionError(f"{cls.__qualname__} has no @step")
     return tuple(nodes)
+
+
+class Results(Mapping[str, Any]):
+    """Earlier steps' outputs by step name, validated through each step's return annotation on access."""
+
+    def __init__(self, saga: type[Saga[Any]], raw: Mapping[str, Any]) -> None:
+        self._saga = saga
+        self._raw = raw
+        self._cache: dict[str, Any] = {}
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._cache:
+            value = self._raw[name]
+            node = self._saga.step_map.get(name)
+            self._cache[name] = value if node is None else node.output.validate_python(value)
+        return self._cache[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def __repr__(self) -> str:
+        return repr(dict(self.items()))

@@ -115,6 +115,15 @@ class PostgresIndexRecorder(PostgresApplicationRecorder):
             " lease_owner = NULL, lease_until = NULL",
             s,
         )
+        # The library sends events as an array of a composite type, quoted as text on the client;
+        # four binary arrays carry the same rows for a fraction of the client's work.
+        self.insert_events_statement = _sql(
+            "INSERT INTO {schema}.{events} (originator_id, originator_version, topic, state)"
+            " SELECT * FROM unnest(%b::uuid[], %b::int8[], %b::text[], %b::bytea[])"
+            " RETURNING notification_id",
+            s,
+            events=self.events_table_name,
+        )
         self.select_many = _sql(
             "SELECT originator_id, originator_version, topic, state FROM {schema}.{events}"
             " WHERE originator_id = ANY(%s) ORDER BY originator_id, originator_version",
@@ -142,7 +151,19 @@ class PostgresIndexRecorder(PostgresApplicationRecorder):
         self.schema_name = s
 
     def _insert_stored_events(self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent], **kwargs: Any) -> None:
-        super()._insert_stored_events(curs, stored_events, **kwargs)
+        # As the library does: lock the table (so notification ids commit in order), notify
+        # listeners, insert, and leave the returned ids on this cursor for the library to read.
+        self._lock_table(curs)
+        self._notify_channel(curs)
+        curs.execute(
+            self.insert_events_statement,
+            (
+                [e.originator_id for e in stored_events],
+                [e.originator_version for e in stored_events],
+                [e.topic for e in stored_events],
+                [e.state for e in stored_events],
+            ),
+        )
         entries: Sequence[IndexEntry] = kwargs.get("index", ())
         # After the library's lock and insert, on another cursor: the insert's cursor still owes
         # the notification ids to the library, and the lock orders our rows like the events.

@@ -30,7 +30,7 @@ from eventsourcing.persistence import IntegrityError
 
 from orchestrator.aggregate import Outcome, SagaAggregate, Work
 from orchestrator.app import Orchestrator, utcnow
-from orchestrator.definition import Saga, StepDef
+from orchestrator.definition import Results, Saga, StepDef
 from orchestrator.executor import StepRunner
 
 Intent = Callable[[SagaAggregate], Work | None]
@@ -216,48 +216,42 @@ class Worker:
 
     def _start(self, aggregate: SagaAggregate, work: Work) -> None:
         saga = self.orch.sagas[aggregate.run.saga]
-        node = next(n for n in saga.steps() if n.name == work.name)
+        node = saga.step_map[work.name]
         instance = self._instance(saga, aggregate, work)
         args: tuple[Any, ...]
         if work.kind == "step":
-            fn, args = node.fn, (instance, instance.input)
+            fn, args, policy = node.fn, (instance, instance.input), node.retry
         else:
             assert node.compensation is not None
-            result = _output(saga, node.name, aggregate.run.results.get(node.name))
-            fn, args = node.compensation.fn, (instance, instance.input, result)
-        timeout = node.timeout
-        context = {
-            "saga_id": aggregate.run.saga_id,
-            "saga": saga.name,
-            "step": work.name,
-            "attempt": work.attempt,
-            "worker": self.worker_id,
-            "kind": work.kind,
-        }
-        policy = node.retry if work.kind == "step" or node.compensation is None else node.compensation.retry
+            result = instance.results.get(node.name)
+            fn, args, policy = node.compensation.fn, (instance, instance.input, result), node.compensation.retry
         future = self.runner.submit(
-            fn, args, context, lambda value: _serialise(node, work, value, instance), policy.gives_up
+            fn, args, instance._log_context, lambda value: _serialise(node, work, value, instance), policy.gives_up
         )
         future.add_done_callback(lambda _: self.orch.wakeup.set())
         self.stats["attempts"] += 1
         now = time.monotonic()
-        self.running[aggregate.id] = Running(
-            work, aggregate, future, now, None if timeout is None else now + timeout, now + self.lease / 3
-        )
+        deadline = None if node.timeout is None else now + node.timeout
+        self.running[aggregate.id] = Running(work, aggregate, future, now, deadline, now + self.lease / 3)
 
     def _instance(self, saga: type[Saga[Any]], aggregate: SagaAggregate, work: Work) -> Saga[Any]:
         run = aggregate.run
         instance = saga.__new__(saga)
         instance.saga_id = run.saga_id
-        instance.input = saga.input_model.model_validate(run.input)
-        instance.results = {name: _output(saga, name, value) for name, value in run.results.items()}
+        instance.input = aggregate.input_model(saga)
+        instance.results = Results(saga, run.results)
         instance.received = dict(run.received)
         instance.attempt = work.attempt
         suffix = "" if work.kind == "step" else "#compensate"  # '#' is in no step name: keys never collide
         instance.idempotency_key = f"{run.saga_id}:{work.name}{suffix}"
-        instance.log = structlog.get_logger("sagaworks.step").bind(
-            saga_id=run.saga_id, saga=saga.name, step=work.name, attempt=work.attempt, worker=self.worker_id
-        )
+        instance._log_context = {
+            "saga_id": run.saga_id,
+            "saga": saga.name,
+            "step": work.name,
+            "kind": work.kind,
+            "attempt": work.attempt,
+            "worker": self.worker_id,
+        }
         instance._emitted = []
         return instance
 
@@ -366,11 +360,6 @@ class Worker:
                 signal.signal(sig, old)
 
         return restore
-
-
-def _output(saga: type[Saga[Any]], name: str, value: Any) -> Any:
-    node = next((n for n in saga.steps() if n.name == name), None)
-    return value if node is None else node.output.validate_python(value)
 
 
 def _serialise(node: StepDef, work: Work, value: Any, instance: Saga[Any]) -> Outcome:
