@@ -275,6 +275,7 @@ def demo(ctx: click.Context, database: str | None, count: int) -> None:
     "[default: SAGA_DATABASE_URL if postgresql, else postgresql://postgres@127.0.0.1:5432/test].",
 )
 @click.option("--limit", is_flag=True, help="Also measure single-row INSERT+COMMIT/s on 1 and 4 connections.")
+@click.option("--limit-seconds", type=click.FloatRange(0.1), default=3.0, show_default=True, help="Per probe.")
 @click.option("--runs", type=click.IntRange(1), default=1, show_default=True, help="Fresh databases; medians.")
 @click.option("--unloaded-samples", type=click.IntRange(0), default=30, show_default=True)
 @click.option("--start-batch", type=click.IntRange(1), default=200, show_default=True, help="Sagas per start_many.")

@@ -22,9 +22,9 @@ class Settings(BaseSettings):
     """How long a worker owns an attempt before another may take it over; renewed while it runs."""
     poll_interval: float = Field(default=0.5, gt=0)
     """Longest sleep of an idle worker between looks for due work (wake-ups usually come sooner)."""
-    concurrency: int = Field(default=16, ge=1)
+    concurrency: int = Field(default=128, ge=1)
     """Attempts a worker runs at once (threads for ``def`` steps, one event loop for ``async def``)."""
-    batch_size: int = Field(default=64, ge=1)
+    batch_size: int = Field(default=128, ge=1)
     """Sagas a worker claims and records per transaction."""
     log_json: bool | None = None
     """JSON logs (default: when stderr is not a terminal)."""

@@ -1,0 +1,105 @@
+"""Smoke tests of ``saga bench``: tiny runs as a real subprocess, and its pure helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from benchmarks.bench import REQUIRED_KEYS, summarise
+from benchmarks.phases import percentile
+from orchestrator.cli import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+SAGA_KEYS = ("sagas_per_s", "steps_per_s", "p50_ms", "p99_ms", "unloaded_p50_ms", "transactions_per_saga",
+             "events_per_saga", "peak_rss_mb")
+
+
+def bench(*args: str) -> dict[str, Any]:
+    """Run ``python -m orchestrator bench`` and return its last stdout line, parsed as JSON."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "SAGA_POLL_INTERVAL": "0.05",  # SQLite workers poll: keep the smoke test short
+    }
+    env.pop("SAGA_DATABASE_URL", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "bench", "--sagas", "20", "--unloaded-samples", "1", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) > 1, "progress lines come before the JSON line"
+    result: dict[str, Any] = json.loads(lines[-1])
+    assert set(REQUIRED_KEYS) <= result.keys()
+    return result
+
+
+def check_sagas(result: dict[str, Any], backend: str, workload: str) -> None:
+    """Every saga finished as its workload says, and every figure was measured."""
+    assert (result["backend"], result["workload"], result["workers"]) == (backend, workload, 1)
+    assert result["sagas"] == result["finished"] == 20
+    for key in SAGA_KEYS:
+        assert result[key] > 0, key
+    attempts = {"ok": 3, "compensate": 5}[workload]
+    assert result["attempts_per_saga"] == attempts
+    assert result["steps_per_s"] == pytest.approx(result["sagas_per_s"] * attempts, rel=0.01)
+
+
+@pytest.mark.parametrize("workload", ["ok", "compensate"])
+def test_bench_on_sqlite(workload: str) -> None:
+    """On SQLite, a tiny bench with one worker process finishes every saga and reports every figure."""
+    check_sagas(bench("--backend", "sqlite", "--workers", "1", "--workload", workload), "sqlite", workload)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("workload", ["ok", "compensate"])
+def test_bench_on_postgres(workload: str, pg_server: str) -> None:
+    """On PostgreSQL (a bench_* schema of its own), a tiny bench with the storage limit reports every figure."""
+    result = bench("--backend", "postgres", "--database", pg_server, "--workers", "1", "--workload", workload,
+                   *(["--limit", "--limit-seconds", "0.3"] if workload == "ok" else []))
+    check_sagas(result, "postgres", workload)
+    if workload == "ok":
+        assert result["limit_commits_per_s_1"] > 0
+        assert result["limit_commits_per_s_4"] > 0
+        assert result["sagas_per_s_over_limit_1"] > 0
+
+
+def test_bench_status_reads_on_sqlite() -> None:
+    """The status workload stores the sagas and reports status() and list() latencies."""
+    result = bench("--backend", "sqlite", "--workload", "status", "--sagas", "300")
+    assert result["sagas"] == result["finished"] == 300
+    for key in ("status_p50_ms", "status_p99_ms", "list_p50_ms", "list_p99_ms"):
+        assert result[key] > 0, key
+
+
+def test_memory_backend_needs_the_in_process_worker() -> None:
+    """The memory backend with worker processes is refused with a clear message, before anything runs."""
+    outcome = CliRunner().invoke(cli, ["bench", "--backend", "memory", "--workers", "2"])
+    assert outcome.exit_code == 1
+    assert "--workers 0" in outcome.output
+
+
+def test_percentile_interpolates_between_ranks() -> None:
+    """Percentiles interpolate linearly between the nearest ranks, as numpy's default does."""
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile([1.0, 2.0], 50) == 1.5
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 99) == pytest.approx(4.96)
+    assert percentile([7.0], 99) == 7.0
+
+
+def test_summary_of_runs_is_the_median_and_the_fewest_finished() -> None:
+    """Over several runs each figure is the median, and ``finished`` the worst run's count."""
+    runs = [{"sagas_per_s": 100.0, "finished": 20}, {"sagas_per_s": 300.0, "finished": 19},
+            {"sagas_per_s": 200.0, "finished": 20}]
+    assert summarise(runs) == {"sagas_per_s": 200.0, "finished": 19}
