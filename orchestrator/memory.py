@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -10,7 +11,7 @@ from uuid import UUID
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.popo import POPOApplicationRecorder
 
-from orchestrator.store import Claim, IndexEntry
+from orchestrator.store import Claim, IndexEntry, Waker
 
 
 class MemoryRecorder(POPOApplicationRecorder):
@@ -39,6 +40,9 @@ class MemoryRecorder(POPOApplicationRecorder):
             current = self.status.get(entry.saga_uuid)
             if current is None or current.version < entry.version:
                 self.status[entry.saga_uuid] = entry
+
+    def waker(self, wakeup: threading.Event) -> Waker | None:
+        return None  # one process: its own saves set the wake-up event
 
     def claim(self, owner: str, now: datetime, lease_until: datetime, limit: int) -> list[Claim]:
         with self._database_lock:

@@ -16,7 +16,7 @@ from psycopg.rows import DictRow
 from psycopg.sql import SQL, Composed, Identifier
 
 from orchestrator.errors import ConfigurationError
-from orchestrator.store import APPLICATION_NAME, Claim, IndexEntry
+from orchestrator.store import APPLICATION_NAME, Claim, IndexEntry, Waker
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS {schema}.saga_work (
@@ -181,6 +181,12 @@ class PostgresIndexRecorder(PostgresApplicationRecorder):
                     index.execute(self.delete_work, (done,))
             index.execute(self.track, (APPLICATION_NAME,))
 
+    def waker(self, wakeup: threading.Event) -> Waker | None:
+        pool_kwargs = self.datastore.pool.kwargs
+        assert isinstance(pool_kwargs, dict)  # the library passes its connection settings as a dict
+        params = {key: value for key, value in pool_kwargs.items() if key != "row_factory" and value}
+        return Listener(psycopg.conninfo.make_conninfo(**params), self.channel_name, wakeup)
+
     def claim(self, owner: str, now: datetime, lease_until: datetime, limit: int) -> list[Claim]:
         with self.datastore.transaction(commit=True) as curs:
             curs.execute(self.claim_sql, {"owner": owner, "until": lease_until, "now": now, "limit": limit})
@@ -298,8 +304,8 @@ class Listener:
     and the worker's polling covers the gap.
     """
 
-    def __init__(self, env: dict[str, str], channel: str, wakeup: threading.Event) -> None:
-        self.info = conninfo(env)
+    def __init__(self, info: str, channel: str, wakeup: threading.Event) -> None:
+        self.info = info
         self.channel = channel
         self.wakeup = wakeup
         self.stopping = threading.Event()
@@ -320,7 +326,7 @@ class Listener:
                 with psycopg.connect(self.info, autocommit=True) as conn:
                     conn.execute(SQL("LISTEN {}").format(Identifier(self.channel)))
                     while not self.stopping.is_set():
-                        for _ in conn.notifies(timeout=1.0):
+                        for _ in conn.notifies(timeout=0.2):
                             self.wakeup.set()
             except psycopg.Error:
                 self.wakeup.set()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -10,7 +12,7 @@ from uuid import UUID
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteCursor
 
-from orchestrator.store import Claim, IndexEntry
+from orchestrator.store import Claim, IndexEntry, Waker
 
 SCHEMA = [
     "CREATE TABLE IF NOT EXISTS saga_work ("
@@ -94,6 +96,9 @@ class SQLiteIndexRecorder(SQLiteApplicationRecorder):
             c.execute(TRACK, (ids[-1],))
         return ids
 
+    def waker(self, wakeup: threading.Event) -> Waker | None:
+        return DataVersionWatcher(self.datastore.pool.db_name, wakeup)
+
     def claim(self, owner: str, now: datetime, lease_until: datetime, limit: int) -> list[Claim]:
         with self.datastore.transaction(commit=True) as c:
             c.execute(CLAIM, (owner, epoch(lease_until), epoch(now), epoch(now), limit))
@@ -164,3 +169,41 @@ class SQLiteIndexRecorder(SQLiteApplicationRecorder):
                 [uuid.hex for uuid in saga_uuids],
             )
             return [StoredEvent(UUID(row[0]), row[1], row[2], bytes(row[3])) for row in c.fetchall()]
+
+
+class DataVersionWatcher:
+    """Wakes a worker when another connection commits to the file (SQLite has no NOTIFY).
+
+    ``PRAGMA data_version`` changes exactly when someone else committed a change, and reading
+    it costs microseconds, so a 10 ms watch gives near-instant wake-ups across processes.
+    """
+
+    def __init__(self, path: str, wakeup: threading.Event, interval: float = 0.01) -> None:
+        self.path = path
+        self.wakeup = wakeup
+        self.interval = interval
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="saga-sqlite-watch", daemon=True)
+
+    def start(self) -> None:
+        """Start watching in the background."""
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Stop watching."""
+        self.stopping.set()
+        self.thread.join(timeout=5)
+
+    def _run(self) -> None:
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
+            seen = None
+            while not self.stopping.wait(self.interval):
+                version = conn.execute("PRAGMA data_version").fetchone()[0]
+                if seen is not None and version != seen:
+                    self.wakeup.set()
+                seen = version
+        except sqlite3.Error:
+            self.wakeup.set()  # polling still works; a watcher is only a shortcut
+        finally:
+            conn.close()

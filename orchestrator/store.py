@@ -9,6 +9,7 @@ recorders' insert hook): ``saga_work`` (what is runnable and when: every timer i
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -52,8 +53,21 @@ class Claim:
     version: int
 
 
+class Waker(Protocol):
+    """Sets a worker's wake-up event when another process records events."""
+
+    def start(self) -> None:
+        """Start watching in the background."""
+
+    def stop(self) -> None:
+        """Stop watching."""
+
+
 class SagaIndex(Protocol):
     """What the engine asks of a backend's recorder besides storing events."""
+
+    def waker(self, wakeup: threading.Event) -> Waker | None:
+        """What wakes a worker when another process writes (``None``: only polling can)."""
 
     def claim(self, owner: str, now: datetime, lease_until: datetime, limit: int) -> list[Claim]:
         """Lease up to ``limit`` due, unleased work rows to ``owner``."""

@@ -92,19 +92,16 @@ class Worker:
     def run(self, *, drain: bool) -> None:
         """Work until drained (``drain=True``) or until stopped, then return."""
         store = self.orch.store
-        listener = None
         restore = self._install_signals() if not drain else None
-        if not drain and self.orch.database.is_postgres:
-            from orchestrator.postgres import Listener
-
-            listener = Listener(self.orch.database.env, store.recorder.channel_name, self.orch.wakeup)  # type: ignore[attr-defined]
-            listener.start()
+        waker = None if drain else store.index.waker(self.orch.wakeup)
+        if waker is not None:
+            waker.start()
         self.log.info("worker started", drain=drain, concurrency=self.concurrency)
         try:
             self._loop(drain)
         finally:
-            if listener is not None:
-                listener.stop()
+            if waker is not None:
+                waker.stop()
             self.runner.close()
             if restore is not None:
                 restore()

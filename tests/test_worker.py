@@ -102,16 +102,23 @@ def test_stopping_worker_finishes_the_attempt_in_hand_and_starts_no_other(tmp_pa
     assert status.state is SagaState.RUNNING
 
 
-@pytest.mark.postgres
-def test_worker_wakes_on_notify_not_on_polling(pg_url: str) -> None:
-    """A worker polling every 30 s still runs a saga started by another process's orchestrator at once."""
-    with Orchestrator(sagas=[Flaky], database=pg_url, settings=Settings.defaults()) as worker_side:
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def shared_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    """A database two orchestrators (as two processes would) can share: a SQLite file or PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'shared.db'}"
+    return str(request.getfixturevalue("pg_url"))
+
+
+def test_worker_wakes_on_another_writer_not_on_polling(shared_url: str) -> None:
+    """A worker polling every 30 s still wakes at once for another writer's saga (NOTIFY / data_version)."""
+    with Orchestrator(sagas=[Flaky], database=shared_url, settings=Settings.defaults()) as worker_side:
         worker = Worker(worker_side, poll_interval=30)
         thread = threading.Thread(target=worker.run, kwargs={"drain": False})
         thread.start()
         try:
             time.sleep(0.5)  # the worker is idle, sleeping on its 30 s poll
-            with Orchestrator(sagas=[Flaky], database=pg_url, settings=Settings.defaults()) as client:
+            with Orchestrator(sagas=[Flaky], database=shared_url, settings=Settings.defaults()) as client:
                 started = time.monotonic()
                 saga_id = client.start(Flaky, {"n": 1})
                 status = client.wait(saga_id, timeout=10)
