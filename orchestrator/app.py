@@ -5,7 +5,7 @@ from __future__ import annotations
 import builtins
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
@@ -81,8 +81,7 @@ class Orchestrator:
             self.register(saga)
         self._store: EventStore | None = None
         self._lock = threading.Lock()
-        self.wakeup = threading.Event()
-        """Set whenever this process records events, so an in-process worker looks for work."""
+        self._wakers: builtins.list[Callable[[], None]] = []
 
     # Lifecycle
 
@@ -359,10 +358,27 @@ class Orchestrator:
                 raise InvalidInput(f"event data must be JSON-compatible: {error}") from None
         raise InvalidInput(f"event data is a dict or a pydantic model, not {data!r}")
 
-    def save(self, aggregates: builtins.list[SagaAggregate]) -> None:
-        """Record the aggregates' pending events with their index rows, in one transaction."""
+    def save(self, aggregates: builtins.list[SagaAggregate], *, wake: bool = True) -> None:
+        """Record the aggregates' pending events with their index rows, in one transaction.
+
+        ``wake`` tells this process's workers that there may be work for them.
+        """
         self.store.save_sagas(aggregates, [index_entry(a) for a in aggregates])
-        self.wakeup.set()
+        if wake:
+            self.wake_workers()
+
+    def add_waker(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` whenever this process records events (a worker in this process listens)."""
+        self._wakers.append(wake)
+
+    def remove_waker(self, wake: Callable[[], None]) -> None:
+        """Stop calling ``wake``."""
+        self._wakers.remove(wake)
+
+    def wake_workers(self) -> None:
+        """Tell this process's workers to look for due work now."""
+        for wake in builtins.list(self._wakers):
+            wake()
 
     def load(self, saga_uuid: Any) -> SagaAggregate:
         """The current aggregate of a saga, by aggregate id."""

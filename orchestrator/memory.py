@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -41,7 +40,7 @@ class MemoryRecorder(POPOApplicationRecorder):
             if current is None or current.version < entry.version:
                 self.status[entry.saga_uuid] = entry
 
-    def waker(self, wakeup: threading.Event) -> Waker | None:
+    def waker(self, wake: Callable[[], None]) -> Waker | None:
         return None  # one process: its own saves set the wake-up event
 
     def claim(self, owner: str, now: datetime, lease_until: datetime, limit: int) -> list[Claim]:

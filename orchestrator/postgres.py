@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -149,10 +149,13 @@ class PostgresIndexRecorder(PostgresApplicationRecorder):
             s,
         )
         self.schema_name = s
+        self.own_pids: set[int] = set()
+        """Server pids of this process's connections that wrote events: their NOTIFYs are our own."""
 
     def _insert_stored_events(self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent], **kwargs: Any) -> None:
         # As the library does: lock the table (so notification ids commit in order), notify
         # listeners, insert, and leave the returned ids on this cursor for the library to read.
+        self.own_pids.add(curs.connection.info.backend_pid)
         self._lock_table(curs)
         self._notify_channel(curs)
         curs.execute(
@@ -163,33 +166,37 @@ class PostgresIndexRecorder(PostgresApplicationRecorder):
                 [e.topic for e in stored_events],
                 [e.state for e in stored_events],
             ),
+            prepare=True,  # planned once per connection, not per save
         )
         entries: Sequence[IndexEntry] = kwargs.get("index", ())
         # After the library's lock and insert, on another cursor: the insert's cursor still owes
         # the notification ids to the library, and the lock orders our rows like the events.
         with curs.connection.cursor() as index:
             if entries:
-                index.execute(self.upsert_status, _status_columns(entries))
+                index.execute(self.upsert_status, _status_columns(entries), prepare=True)
                 dues = [e for e in entries if e.due_at is not None]
                 if dues:
                     index.execute(
                         self.upsert_work,
                         ([e.saga_uuid for e in dues], [e.due_at for e in dues], [e.version for e in dues]),
+                        prepare=True,
                     )
                 done = [e.saga_uuid for e in entries if e.due_at is None]
                 if done:
-                    index.execute(self.delete_work, (done,))
-            index.execute(self.track, (APPLICATION_NAME,))
+                    index.execute(self.delete_work, (done,), prepare=True)
+            index.execute(self.track, (APPLICATION_NAME,), prepare=True)
 
-    def waker(self, wakeup: threading.Event) -> Waker | None:
+    def waker(self, wake: Callable[[], None]) -> Waker | None:
         pool_kwargs = self.datastore.pool.kwargs
         assert isinstance(pool_kwargs, dict)  # the library passes its connection settings as a dict
         params = {key: value for key, value in pool_kwargs.items() if key != "row_factory" and value}
-        return Listener(psycopg.conninfo.make_conninfo(**params), self.channel_name, wakeup)
+        return Listener(psycopg.conninfo.make_conninfo(**params), self.channel_name, wake, self.own_pids)
 
     def claim(self, owner: str, now: datetime, lease_until: datetime, limit: int) -> list[Claim]:
         with self.datastore.transaction(commit=True) as curs:
-            curs.execute(self.claim_sql, {"owner": owner, "until": lease_until, "now": now, "limit": limit})
+            curs.execute(
+                self.claim_sql, {"owner": owner, "until": lease_until, "now": now, "limit": limit}, prepare=True
+            )
             return [Claim(row["saga_uuid"], row["version"]) for row in curs.fetchall()]
 
     def release(self, saga_uuid: UUID, version: int, due_at: datetime | None) -> None:
@@ -304,10 +311,11 @@ class Listener:
     and the worker's polling covers the gap.
     """
 
-    def __init__(self, info: str, channel: str, wakeup: threading.Event) -> None:
+    def __init__(self, info: str, channel: str, wake: Callable[[], None], own_pids: set[int]) -> None:
         self.info = info
+        self.own_pids = own_pids
         self.channel = channel
-        self.wakeup = wakeup
+        self.wake = wake
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="saga-listen", daemon=True)
 
@@ -326,10 +334,12 @@ class Listener:
                 with psycopg.connect(self.info, autocommit=True) as conn:
                     conn.execute(SQL("LISTEN {}").format(Identifier(self.channel)))
                     while not self.stopping.is_set():
-                        for _ in conn.notifies(timeout=0.2):
-                            self.wakeup.set()
+                        for notify in conn.notifies(timeout=0.2):
+                            # A worker carries its own sagas on: only others' writes are news.
+                            if notify.pid not in self.own_pids:
+                                self.wake()
             except psycopg.Error:
-                self.wakeup.set()
+                self.wake()
                 self.stopping.wait(1.0)
 
 

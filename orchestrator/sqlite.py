@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -96,8 +96,8 @@ class SQLiteIndexRecorder(SQLiteApplicationRecorder):
             c.execute(TRACK, (ids[-1],))
         return ids
 
-    def waker(self, wakeup: threading.Event) -> Waker | None:
-        return DataVersionWatcher(self.datastore.pool.db_name, wakeup)
+    def waker(self, wake: Callable[[], None]) -> Waker | None:
+        return DataVersionWatcher(self.datastore.pool.db_name, wake)
 
     def claim(self, owner: str, now: datetime, lease_until: datetime, limit: int) -> list[Claim]:
         with self.datastore.transaction(commit=True) as c:
@@ -178,9 +178,9 @@ class DataVersionWatcher:
     it costs microseconds, so a 10 ms watch gives near-instant wake-ups across processes.
     """
 
-    def __init__(self, path: str, wakeup: threading.Event, interval: float = 0.01) -> None:
+    def __init__(self, path: str, wake: Callable[[], None], interval: float = 0.01) -> None:
         self.path = path
-        self.wakeup = wakeup
+        self.wake = wake
         self.interval = interval
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="saga-sqlite-watch", daemon=True)
@@ -201,9 +201,9 @@ class DataVersionWatcher:
             while not self.stopping.wait(self.interval):
                 version = conn.execute("PRAGMA data_version").fetchone()[0]
                 if seen is not None and version != seen:
-                    self.wakeup.set()
+                    self.wake()
                 seen = version
         except sqlite3.Error:
-            self.wakeup.set()  # polling still works; a watcher is only a shortcut
+            self.wake()  # polling still works; a watcher is only a shortcut
         finally:
             conn.close()

@@ -9,7 +9,7 @@ recorders' insert hook): ``saga_work`` (what is runnable and when: every timer i
 from __future__ import annotations
 
 import os
-import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -66,7 +66,7 @@ class Waker(Protocol):
 class SagaIndex(Protocol):
     """What the engine asks of a backend's recorder besides storing events."""
 
-    def waker(self, wakeup: threading.Event) -> Waker | None:
+    def waker(self, wake: Callable[[], None]) -> Waker | None:
         """What wakes a worker when another process writes (``None``: only polling can)."""
 
     def claim(self, owner: str, now: datetime, lease_until: datetime, limit: int) -> list[Claim]:

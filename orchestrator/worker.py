@@ -83,23 +83,36 @@ class Worker:
         self.log = log.bind(worker=self.worker_id)
         self.stats: Counter[str] = Counter()
         """Transactions by kind (claims, saves, releases), attempts run, and conflicts met."""
+        self.signal = threading.Event()
+        """Wakes the loop: an attempt finished, work may be due, or stop was asked."""
+        self.outside_work = True
+        """Someone else may have made work due (another process, another thread, a timer)."""
+        self.claim_at = 0.0
+        """Monotonic time of the next look at the work table while busy (poll or known timer)."""
 
     def stop(self) -> None:
         """Ask the worker to finish the attempts in hand and return."""
         self.stopping.set()
-        self.orch.wakeup.set()
+        self.signal.set()
+
+    def wake(self) -> None:
+        """Called when work may be due: a NOTIFY, another connection's commit, a save in this process."""
+        self.outside_work = True
+        self.signal.set()
 
     def run(self, *, drain: bool) -> None:
         """Work until drained (``drain=True``) or until stopped, then return."""
         store = self.orch.store
         restore = self._install_signals() if not drain else None
-        waker = None if drain else store.index.waker(self.orch.wakeup)
+        waker = None if drain else store.index.waker(self.wake)
         if waker is not None:
             waker.start()
+        self.orch.add_waker(self.wake)
         self.log.info("worker started", drain=drain, concurrency=self.concurrency)
         try:
             self._loop(drain)
         finally:
+            self.orch.remove_waker(self.wake)
             if waker is not None:
                 waker.stop()
             self.runner.close()
@@ -110,9 +123,11 @@ class Worker:
 
     def _loop(self, drain: bool) -> None:
         while True:
-            self.orch.wakeup.clear()
-            claimed = 0 if self.stopping.is_set() else self._claim()
+            self.signal.clear()
             finished = self._reap()
+            claimed = 0
+            if not self.stopping.is_set() and self._should_claim():
+                claimed = self._claim()
             self._renew()
             if not self.running and (self.stopping.is_set() or (drain and not claimed and not finished)):
                 return
@@ -120,6 +135,20 @@ class Worker:
                 self._idle()
 
     # Claiming
+
+    def _should_claim(self) -> bool:
+        """Whether to look at the work table now.
+
+        While attempts are running, the worker's own saves need no look (it carries its sagas
+        on itself), so it looks only when told that outside work may be due, when its last
+        claim came back full, or when the poll interval or a timer it knows of has passed;
+        a claim round trip would otherwise sit between every two steps of every saga.
+        """
+        if not self.running or self.outside_work or time.monotonic() >= self.claim_at:
+            self.outside_work = False
+            self.claim_at = time.monotonic() + self.poll_interval
+            return True
+        return False
 
     def _claim(self) -> int:
         capacity = self.concurrency - len(self.running)
@@ -130,6 +159,8 @@ class Worker:
             self.worker_id, now, now + timedelta(seconds=self.lease), min(capacity, self.batch_size)
         )
         self.stats["claims"] += 1
+        if len(claims) == min(capacity, self.batch_size):
+            self.outside_work = True  # a full batch: there may be more waiting
         if not claims:
             return 0
         batch = Batch()
@@ -170,7 +201,7 @@ class Worker:
         try:
             if changed:
                 self.stats["saves"] += 1
-                self.orch.save(changed)
+                self.orch.save(changed, wake=False)
         except IntegrityError:
             self.stats["conflicts"] += 1
             # Someone else wrote to one of these sagas; the batch is void. Redo each saga alone,
@@ -185,6 +216,9 @@ class Worker:
         for uuid, (aggregate, work) in results.items():
             if uuid in unchanged and work is None and uuid not in self.running:
                 self._release(aggregate)  # claimed, but nothing was due: hand the row back
+            due = aggregate.run.due_at
+            if work is None and due is not None:  # a retry or timeout: look again when it falls due
+                self.claim_at = min(self.claim_at, time.monotonic() + max(0.0, (due - utcnow()).total_seconds()))
             if work is not None:
                 self._start(aggregate, work)
 
@@ -197,7 +231,7 @@ class Worker:
                 return (aggregate, work), False
             try:
                 self.stats["saves"] += 1
-                self.orch.save([aggregate])
+                self.orch.save([aggregate], wake=False)
                 return (aggregate, work), True
             except IntegrityError:
                 self.stats["conflicts"] += 1
@@ -225,7 +259,7 @@ class Worker:
         future = self.runner.submit(
             fn, args, instance._log_context, lambda value: _serialise(node, work, value, instance), policy.gives_up
         )
-        future.add_done_callback(lambda _: self.orch.wakeup.set())
+        future.add_done_callback(lambda _: self.signal.set())
         self.stats["attempts"] += 1
         now = time.monotonic()
         deadline = None if node.timeout is None else now + node.timeout
@@ -298,7 +332,7 @@ class Worker:
             return
         try:
             self.stats["saves"] += 1
-            self.orch.save([r.aggregate for r in changed])
+            self.orch.save([r.aggregate for r in changed], wake=False)
         except IntegrityError:
             for running in changed:
                 self._renew_one(running, lease_until)
@@ -310,7 +344,7 @@ class Worker:
             if not aggregate.renew(running.work, lease_until, utcnow()):
                 return
             try:
-                self.orch.save([aggregate])
+                self.orch.save([aggregate], wake=False)
                 return
             except IntegrityError:
                 continue
@@ -323,11 +357,12 @@ class Worker:
                 timeout = min(timeout, max(0.0, (due - utcnow()).total_seconds()))
         else:
             now = time.monotonic()
+            timeout = min(timeout, max(0.0, self.claim_at - now))
             for running in self.running.values():
                 timeout = min(timeout, max(0.0, running.renew_at - now))
                 if running.deadline is not None:
                     timeout = min(timeout, max(0.0, running.deadline - now))
-        self.orch.wakeup.wait(timeout)
+        self.signal.wait(timeout)
 
     def _log_outcome(self, running: Running, outcome: Outcome) -> None:
         work = running.work

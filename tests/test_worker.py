@@ -52,11 +52,11 @@ def test_conflict_in_a_batch_is_redone_for_each_saga_alone(database_url: str, mo
         original = orch.save
         interfered: list[str] = []
 
-        def save(aggregates: list[Any]) -> None:
+        def save(aggregates: list[Any], **options: Any) -> None:
             if len(aggregates) > 1 and not interfered:
                 interfered.append(ids[2])
                 orch.cancel(ids[2], "operator")  # lands first: this batch now holds a stale saga
-            original(aggregates)
+            original(aggregates, **options)
 
         monkeypatch.setattr(orch, "save", save)
         statuses = drain(orch, *ids)
