@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -94,44 +94,66 @@ def analyze_status(orch: Orchestrator) -> bool:
 
 
 def insert_commit_rate(url: str, connections: int, seconds: float) -> float | None:
-    """Single-row INSERT+COMMIT transactions per second on ``connections`` connections (None for memory)."""
+    """Single-row INSERT+COMMIT transactions per second on ``connections`` connections (None for memory).
+
+    Each connection (one thread each) inserts one 100-byte row per transaction into a scratch
+    table for ``seconds``; the table is dropped afterwards.
+    """
     db = parse_database_url(url)
     if db.kind == "memory":
         return None
+    name = f"saga_bench_limit_{uuid.uuid4().hex[:8]}"
     if db.is_postgres:
-        from orchestrator.postgres import insert_commit_rate as postgres_rate
+        from orchestrator.postgres import connect
 
-        return postgres_rate(db.env, connections, seconds)
-    return sqlite_insert_commit_rate(db.env["SQLITE_DBNAME"], connections, seconds)
+        table = f'"{db.env.get("POSTGRES_SCHEMA", "public")}"."{name}"'
+        return _commit_rate(
+            lambda: connect(db.env),
+            f"CREATE TABLE {table} (id bigserial PRIMARY KEY, data bytea NOT NULL)",
+            [f"INSERT INTO {table} (data) VALUES (%s)"],  # autocommit: each insert commits
+            f"DROP TABLE IF EXISTS {table}",
+            connections,
+            seconds,
+        )
+    path = db.env["SQLITE_DBNAME"]
+
+    def sqlite_connect() -> sqlite3.Connection:
+        conn = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")  # the library's settings: WAL, autocommit, busy timeout
+        return conn
+
+    return _commit_rate(
+        sqlite_connect,
+        f"CREATE TABLE {name} (id INTEGER PRIMARY KEY, data BLOB NOT NULL)",
+        ["BEGIN IMMEDIATE", f"INSERT INTO {name} (data) VALUES (?)", "COMMIT"],
+        f"DROP TABLE IF EXISTS {name}",
+        connections,
+        seconds,
+    )
 
 
-def sqlite_insert_commit_rate(path: str, connections: int, seconds: float) -> float:
-    """The same probe on a SQLite file, with the library's settings (WAL, autocommit, busy timeout)."""
-    table = f"saga_bench_limit_{uuid.uuid4().hex[:8]}"
+def _commit_rate(
+    connect: Callable[[], Any], create: str, transaction: list[str], drop: str, connections: int, seconds: float
+) -> float:
+    """Run ``transaction`` (its one parameterised statement gets the payload) in a loop on each connection."""
     payload = b"x" * 100
     counts = [0] * connections
     ready = threading.Barrier(connections + 1)
     errors: list[BaseException] = []
 
-    def connect() -> sqlite3.Connection:
-        conn = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        return conn
-
-    def run(index: int, conn: sqlite3.Connection) -> None:
+    def run(index: int, conn: Any) -> None:
         try:
             ready.wait()
             deadline = time.monotonic() + seconds
             while time.monotonic() < deadline:
-                conn.execute("BEGIN IMMEDIATE")
-                conn.execute(f"INSERT INTO {table} (data) VALUES (?)", (payload,))
-                conn.execute("COMMIT")
+                for statement in transaction:
+                    conn.execute(statement, (payload,) if "INSERT" in statement else ())
                 counts[index] += 1
         except BaseException as error:  # reported by the caller's thread
             errors.append(error)
 
     admin = connect()
-    admin.execute(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY, data BLOB NOT NULL)")
+    admin.execute(create)
     try:
         conns = [connect() for _ in range(connections)]
         try:
@@ -147,7 +169,7 @@ def sqlite_insert_commit_rate(path: str, connections: int, seconds: float) -> fl
             for conn in conns:
                 conn.close()
     finally:
-        admin.execute(f"DROP TABLE IF EXISTS {table}")
+        admin.execute(drop)
         admin.close()
     if errors:
         raise ConfigurationError(f"the insert+commit probe failed: {errors[0]}") from errors[0]

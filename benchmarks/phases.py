@@ -114,9 +114,7 @@ class Sender:
         self.pool.shutdown()
 
 
-def run_load(
-    orch: Orchestrator, workload: Workload, sagas: int, batch: int, workers: Workers, say: Say
-) -> LoadRun:
+def run_load(orch: Orchestrator, workload: Workload, sagas: int, batch: int, workers: Workers, say: Say) -> LoadRun:
     """Start ``sagas`` sagas in batches as fast as possible and wait until every one is terminal."""
     sender = Sender(orch) if workload.sends else None
     began = time.perf_counter()

@@ -50,8 +50,17 @@ class WorkerProcess:
     def __init__(self, database_url: str, env: dict[str, str]) -> None:
         pythonpath = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator", "--log-level", "warning", "--json-logs", "worker", "--app",
-             WORKER_APP],
+            [
+                sys.executable,
+                "-m",
+                "orchestrator",
+                "--log-level",
+                "warning",
+                "--json-logs",
+                "worker",
+                "--app",
+                WORKER_APP,
+            ],
             env={**os.environ, **env, "SAGA_DATABASE_URL": database_url, "PYTHONPATH": pythonpath},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
@@ -16,7 +15,7 @@ from psycopg.rows import DictRow
 from psycopg.sql import SQL, Composed, Identifier
 
 from orchestrator.errors import ConfigurationError
-from orchestrator.store import APPLICATION_NAME, Claim, IndexEntry, Waker
+from orchestrator.store import APPLICATION_NAME, Claim, IndexEntry, ThreadWaker, Waker
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS {schema}.saga_work (
@@ -304,31 +303,22 @@ def _status_columns(entries: Sequence[IndexEntry]) -> tuple[list[Any], ...]:
     )
 
 
-class Listener:
-    """Wakes a worker when events are written: LISTEN on the library's NOTIFY channel.
+class Listener(ThreadWaker):
+    """Wakes a worker when others write events: LISTEN on the library's NOTIFY channel.
 
     Runs in a thread with its own connection; if the connection drops it reconnects,
     and the worker's polling covers the gap.
     """
 
+    name = "saga-listen"
+
     def __init__(self, info: str, channel: str, wake: Callable[[], None], own_pids: set[int]) -> None:
+        super().__init__(wake)
         self.info = info
-        self.own_pids = own_pids
         self.channel = channel
-        self.wake = wake
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="saga-listen", daemon=True)
+        self.own_pids = own_pids
 
-    def start(self) -> None:
-        """Start listening in the background."""
-        self.thread.start()
-
-    def stop(self) -> None:
-        """Stop listening (within a second)."""
-        self.stopping.set()
-        self.thread.join(timeout=5)
-
-    def _run(self) -> None:
+    def watch(self) -> None:
         while not self.stopping.is_set():
             try:
                 with psycopg.connect(self.info, autocommit=True) as conn:
@@ -343,52 +333,6 @@ class Listener:
                 self.stopping.wait(1.0)
 
 
-def insert_commit_rate(env: dict[str, str], connections: int, seconds: float) -> float:
-    """The storage limit ``saga bench --limit`` compares with: single-row INSERT+COMMIT per second.
-
-    Each of ``connections`` connections (one thread each) inserts one 100-byte row per transaction
-    into a scratch table of the configured schema for ``seconds``; the table is dropped afterwards.
-    """
-    import time
-    import uuid
-
-    schema = env.get("POSTGRES_SCHEMA", "public")
-    table = SQL("{}.{}").format(Identifier(schema), Identifier(f"saga_bench_limit_{uuid.uuid4().hex[:8]}"))
-    insert = SQL("INSERT INTO {} (data) VALUES (%s)").format(table)
-    payload = b"x" * 100
-    counts = [0] * connections
-    ready = threading.Barrier(connections + 1)
-    errors: list[BaseException] = []
-
-    def run(index: int, conn: psycopg.Connection[Any]) -> None:
-        try:
-            ready.wait()
-            deadline = time.monotonic() + seconds
-            while time.monotonic() < deadline:
-                conn.execute(insert, (payload,))
-                conn.commit()
-                counts[index] += 1
-        except BaseException as error:  # reported by the caller's thread
-            errors.append(error)
-
-    with psycopg.connect(conninfo(env), autocommit=True) as admin:
-        admin.execute(SQL("CREATE TABLE {} (id bigserial PRIMARY KEY, data bytea NOT NULL)").format(table))
-        try:
-            conns = [psycopg.connect(conninfo(env)) for _ in range(connections)]
-            try:
-                threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(conns)]
-                for thread in threads:
-                    thread.start()
-                ready.wait()
-                began = time.monotonic()
-                for thread in threads:
-                    thread.join()
-                elapsed = time.monotonic() - began
-            finally:
-                for conn in conns:
-                    conn.close()
-        finally:
-            admin.execute(SQL("DROP TABLE IF EXISTS {}").format(table))
-    if errors:
-        raise ConfigurationError(f"the insert+commit probe failed: {errors[0]}") from errors[0]
-    return sum(counts) / elapsed
+def connect(env: dict[str, str]) -> psycopg.Connection[Any]:
+    """A plain autocommit connection with the store's settings (for tools such as ``saga bench --limit``)."""
+    return psycopg.connect(conninfo(env), autocommit=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -12,7 +11,7 @@ from uuid import UUID
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteCursor
 
-from orchestrator.store import Claim, IndexEntry, Waker
+from orchestrator.store import Claim, IndexEntry, ThreadWaker, Waker
 
 SCHEMA = [
     "CREATE TABLE IF NOT EXISTS saga_work ("
@@ -171,30 +170,21 @@ class SQLiteIndexRecorder(SQLiteApplicationRecorder):
             return [StoredEvent(UUID(row[0]), row[1], row[2], bytes(row[3])) for row in c.fetchall()]
 
 
-class DataVersionWatcher:
+class DataVersionWatcher(ThreadWaker):
     """Wakes a worker when another connection commits to the file (SQLite has no NOTIFY).
 
     ``PRAGMA data_version`` changes exactly when someone else committed a change, and reading
     it costs microseconds, so a 10 ms watch gives near-instant wake-ups across processes.
     """
 
+    name = "saga-sqlite-watch"
+
     def __init__(self, path: str, wake: Callable[[], None], interval: float = 0.01) -> None:
+        super().__init__(wake)
         self.path = path
-        self.wake = wake
         self.interval = interval
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="saga-sqlite-watch", daemon=True)
 
-    def start(self) -> None:
-        """Start watching in the background."""
-        self.thread.start()
-
-    def stop(self) -> None:
-        """Stop watching."""
-        self.stopping.set()
-        self.thread.join(timeout=5)
-
-    def _run(self) -> None:
+    def watch(self) -> None:
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         try:
             seen = None

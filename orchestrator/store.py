@@ -9,6 +9,7 @@ recorders' insert hook): ``saga_work`` (what is runnable and when: every timer i
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -61,6 +62,30 @@ class Waker(Protocol):
 
     def stop(self) -> None:
         """Stop watching."""
+
+
+class ThreadWaker:
+    """A ``Waker`` that watches in a daemon thread until stopped; subclasses write ``watch``."""
+
+    name = "saga-waker"
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self.wake = wake
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.watch, name=self.name, daemon=True)
+
+    def start(self) -> None:
+        """Start watching in the background."""
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Stop watching (the watch loop checks ``stopping`` at least every fraction of a second)."""
+        self.stopping.set()
+        self.thread.join(timeout=5)
+
+    def watch(self) -> None:
+        """Call ``self.wake()`` on news until ``self.stopping`` is set."""
+        raise NotImplementedError
 
 
 class SagaIndex(Protocol):
