@@ -11,7 +11,7 @@ from types import TracebackType
 from typing import Any
 from uuid import UUID, uuid4
 
-from eventsourcing.persistence import IntegrityError
+from eventsourcing.persistence import IntegrityError, StoredEvent
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from orchestrator.aggregate import SagaAggregate, aggregate_id, policies_of
@@ -385,11 +385,11 @@ class Orchestrator:
         aggregate: SagaAggregate = self.store.repository.get(saga_uuid)
         return aggregate
 
-    def load_many(self, saga_uuids: builtins.list[UUID]) -> dict[UUID, SagaAggregate]:
-        """The current aggregates of many sagas, read in one query."""
+    def fold(self, records: Iterable[StoredEvent]) -> dict[UUID, SagaAggregate]:
+        """Aggregates rebuilt from stored events (ordered by saga, then version)."""
         store = self.store
         aggregates: dict[UUID, SagaAggregate] = {}
-        for record in store.index.select_events_many(saga_uuids):
+        for record in records:
             event: Any = store.mapper.to_domain_event(record)
             uuid = event.originator_id
             aggregates[uuid] = event.mutate(aggregates.get(uuid))

@@ -55,6 +55,12 @@ class MemoryRecorder(POPOApplicationRecorder):
                 claims.append(Claim(uuid, row[1]))
             return claims
 
+    def claim_loaded(
+        self, owner: str, now: datetime, lease_until: datetime, limit: int
+    ) -> tuple[list[Claim], list[StoredEvent]]:
+        claims = self.claim(owner, now, lease_until, limit)
+        return claims, self.select_events_many([claim.saga_uuid for claim in claims])
+
     def release(self, saga_uuid: UUID, version: int, due_at: datetime | None) -> None:
         with self._database_lock:
             row = self.work.get(saga_uuid)

@@ -138,14 +138,19 @@ class PostgresIndexRecorder(PostgresApplicationRecorder):
             s,
             events=self.events_table_name,
         )
-        # SKIP LOCKED: concurrent workers each take different rows instead of queueing on the same ones.
-        self.claim_sql = _sql(
-            "UPDATE {schema}.saga_work w SET lease_owner = %(owner)s, lease_until = %(until)s"
+        # The claim and the claimed sagas' histories in one round trip; SKIP LOCKED, so concurrent
+        # workers each take different rows instead of queueing on the same ones.
+        self.claim_loaded_sql = _sql(
+            "WITH claimed AS (UPDATE {schema}.saga_work w SET lease_owner = %(owner)s, lease_until = %(until)s"
             " FROM (SELECT saga_uuid FROM {schema}.saga_work"
             "       WHERE due_at <= %(now)s AND (lease_until IS NULL OR lease_until < %(now)s)"
             "       ORDER BY due_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED) c"
-            " WHERE w.saga_uuid = c.saga_uuid RETURNING w.saga_uuid, w.version",
+            " WHERE w.saga_uuid = c.saga_uuid RETURNING w.saga_uuid, w.version)"
+            " SELECT claimed.saga_uuid, claimed.version, e.originator_version, e.topic, e.state"
+            " FROM claimed JOIN {schema}.{events} e ON e.originator_id = claimed.saga_uuid"
+            " ORDER BY e.originator_id, e.originator_version",
             s,
+            events=self.events_table_name,
         )
         self.schema_name = s
         self.own_pids: set[int] = set()
@@ -191,12 +196,18 @@ class PostgresIndexRecorder(PostgresApplicationRecorder):
         params = {key: value for key, value in pool_kwargs.items() if key != "row_factory" and value}
         return Listener(psycopg.conninfo.make_conninfo(**params), self.channel_name, wake, self.own_pids)
 
-    def claim(self, owner: str, now: datetime, lease_until: datetime, limit: int) -> list[Claim]:
+    def claim_loaded(
+        self, owner: str, now: datetime, lease_until: datetime, limit: int
+    ) -> tuple[list[Claim], list[StoredEvent]]:
+        params = {"owner": owner, "until": lease_until, "now": now, "limit": limit}
         with self.datastore.transaction(commit=True) as curs:
-            curs.execute(
-                self.claim_sql, {"owner": owner, "until": lease_until, "now": now, "limit": limit}, prepare=True
-            )
-            return [Claim(row["saga_uuid"], row["version"]) for row in curs.fetchall()]
+            curs.execute(self.claim_loaded_sql, params, prepare=True)
+            rows = curs.fetchall()
+        claims = list({row["saga_uuid"]: Claim(row["saga_uuid"], row["version"]) for row in rows}.values())
+        events = [
+            StoredEvent(row["saga_uuid"], row["originator_version"], row["topic"], bytes(row["state"])) for row in rows
+        ]
+        return claims, events
 
     def release(self, saga_uuid: UUID, version: int, due_at: datetime | None) -> None:
         with self.datastore.transaction(commit=True) as curs:

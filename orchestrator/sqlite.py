@@ -103,6 +103,12 @@ class SQLiteIndexRecorder(SQLiteApplicationRecorder):
             c.execute(CLAIM, (owner, epoch(lease_until), epoch(now), epoch(now), limit))
             return [Claim(UUID(row[0]), row[1]) for row in c.fetchall()]
 
+    def claim_loaded(
+        self, owner: str, now: datetime, lease_until: datetime, limit: int
+    ) -> tuple[list[Claim], list[StoredEvent]]:
+        claims = self.claim(owner, now, lease_until, limit)
+        return claims, self.select_events_many([claim.saga_uuid for claim in claims])
+
     def release(self, saga_uuid: UUID, version: int, due_at: datetime | None) -> None:
         with self.datastore.transaction(commit=True) as c:
             if due_at is None:

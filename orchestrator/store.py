@@ -94,8 +94,10 @@ class SagaIndex(Protocol):
     def waker(self, wake: Callable[[], None]) -> Waker | None:
         """What wakes a worker when another process writes (``None``: only polling can)."""
 
-    def claim(self, owner: str, now: datetime, lease_until: datetime, limit: int) -> list[Claim]:
-        """Lease up to ``limit`` due, unleased work rows to ``owner``."""
+    def claim_loaded(
+        self, owner: str, now: datetime, lease_until: datetime, limit: int
+    ) -> tuple[list[Claim], list[StoredEvent]]:
+        """Lease up to ``limit`` due, unleased work rows to ``owner``; with the claimed sagas' events."""
 
     def release(self, saga_uuid: UUID, version: int, due_at: datetime | None) -> None:
         """Drop a lease that led to no event, setting the row's ``due_at``."""

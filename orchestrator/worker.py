@@ -155,7 +155,7 @@ class Worker:
         if capacity <= 0:
             return 0
         now = utcnow()
-        claims = self.orch.store.index.claim(
+        claims, records = self.orch.store.index.claim_loaded(
             self.worker_id, now, now + timedelta(seconds=self.lease), min(capacity, self.batch_size)
         )
         self.stats["claims"] += 1
@@ -164,7 +164,7 @@ class Worker:
         if not claims:
             return 0
         batch = Batch()
-        aggregates = self.orch.load_many([claim.saga_uuid for claim in claims])
+        aggregates = self.orch.fold(records)
         for claim in claims:
             aggregate = aggregates.get(claim.saga_uuid)
             if aggregate is None:  # pragma: no cover - a row always follows its events
