@@ -61,7 +61,7 @@ class StepRunner:
         with structlog.contextvars.bound_contextvars(**context):
             try:
                 return on_success(fn(*args))
-            except Exception as error:
+            except BaseException as error:  # SystemExit in a step fails the attempt, not the worker
                 return failure(error, gives_up)
 
     @staticmethod
@@ -75,7 +75,9 @@ class StepRunner:
         with structlog.contextvars.bound_contextvars(**context):
             try:
                 return on_success(await fn(*args))
-            except Exception as error:
+            except asyncio.CancelledError:
+                raise  # the worker cancelled it (timeout); the outcome is already recorded
+            except BaseException as error:
                 return failure(error, gives_up)
 
     @property

@@ -97,11 +97,12 @@ class MemoryRecorder(POPOApplicationRecorder):
         with self._database_lock:
             if reset:
                 self.status.clear()
+                self.position = None
             for entry in entries:
                 current = self.status.get(entry.saga_uuid)
                 if current is None or current.version <= entry.version:
                     self.status[entry.saga_uuid] = entry
-            if position is not None:
+            if position is not None and (self.position is None or position > self.position):
                 self.position = position
 
     def select_events_many(self, saga_uuids: list[UUID]) -> list[StoredEvent]:

@@ -294,7 +294,8 @@ class PostgresIndexRecorder(PostgresApplicationRecorder):
                 curs.execute(
                     _sql(
                         "INSERT INTO {schema}.saga_status_tracking VALUES (%s, %s) ON CONFLICT (application_name)"
-                        " DO UPDATE SET notification_id = EXCLUDED.notification_id",
+                        " DO UPDATE SET notification_id = EXCLUDED.notification_id"
+                        " WHERE saga_status_tracking.notification_id < EXCLUDED.notification_id",
                         self.schema_name,
                     ),
                     (APPLICATION_NAME, position),

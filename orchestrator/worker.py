@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from types import FrameType
 from typing import Any
 from uuid import UUID
@@ -48,6 +48,8 @@ class Running:
     deadline: float | None
     renew_at: float
     outcome: Outcome | None = None
+    stale: bool = False
+    """A save that failed touched ``aggregate``: reload it before recording the outcome."""
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Batch:
     """Intents to record in one save, keyed by saga."""
 
     intents: dict[UUID, tuple[SagaAggregate | None, Intent]] = field(default_factory=dict)
+    """Each saga's aggregate as held in memory (``None``: load it) and what to do to it."""
 
 
 class Worker:
@@ -79,6 +82,8 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self) & 0xFFFF:x}"
         self.stopping = threading.Event()
         self.running: dict[UUID, Running] = {}
+        self.abandoned: dict[UUID, Future[Outcome]] = {}
+        """Timed-out ``def`` attempts whose threads have not returned: they still hold a thread."""
         self.runner = StepRunner(self.concurrency)
         self.log = log.bind(worker=self.worker_id)
         self.stats: Counter[str] = Counter()
@@ -124,11 +129,21 @@ class Worker:
     def _loop(self, drain: bool) -> None:
         while True:
             self.signal.clear()
-            finished = self._reap()
-            claimed = 0
-            if not self.stopping.is_set() and self._should_claim():
-                claimed = self._claim()
-            self._renew()
+            try:
+                finished = self._reap()
+                claimed = 0
+                if not self.stopping.is_set() and self._should_claim():
+                    claimed = self._claim()
+                self._renew()
+            except Exception:
+                # A storage error (lock timeout, lost connection): outcomes not yet recorded stay in
+                # hand and are recorded on the next round; leases cover anything longer.
+                self.stats["errors"] += 1
+                self.log.exception("worker round failed; retrying")
+                if drain and self.stats["errors"] > 3:
+                    raise
+                self.signal.wait(self.poll_interval)
+                continue
             if not self.running and (self.stopping.is_set() or (drain and not claimed and not finished)):
                 return
             if not claimed and not finished:
@@ -151,7 +166,8 @@ class Worker:
         return False
 
     def _claim(self) -> int:
-        capacity = self.concurrency - len(self.running)
+        self.abandoned = {uuid: f for uuid, f in self.abandoned.items() if not f.done()}
+        capacity = self.concurrency - len(self.running) - len(self.abandoned)
         if capacity <= 0:
             return 0
         now = utcnow()
@@ -172,6 +188,12 @@ class Worker:
             if aggregate.run.saga not in self.orch.sagas:
                 self.log.error("saga not registered in this worker", saga=aggregate.run.saga)
                 continue  # the lease expires and a worker that knows the saga takes it
+            if aggregate.id in self.running or aggregate.id in self.abandoned:
+                # Still running here (a stalled round let its lease lapse), or a timed-out thread of it
+                # has not returned: never run two attempts of one saga at once; look again shortly.
+                later = utcnow() + timedelta(seconds=self.poll_interval)
+                self._release(aggregate, max(later, aggregate.run.due_at or later))
+                continue
             batch.intents[aggregate.id] = (aggregate, self._advance_intent())
         self._commit(batch)
         return len(claims)
@@ -192,9 +214,11 @@ class Worker:
 
     def _commit(self, batch: Batch) -> None:
         """Apply every intent and save them all in one transaction; on a conflict, one by one."""
+        stale = [uuid for uuid, (aggregate, _) in batch.intents.items() if aggregate is None]
+        fresh = self.orch.fold(self.orch.store.index.select_events_many(stale)) if stale else {}
         results: dict[UUID, tuple[SagaAggregate, Work | None]] = {}
         for uuid, (aggregate, intent) in batch.intents.items():
-            assert aggregate is not None
+            aggregate = aggregate or fresh[uuid]
             results[uuid] = (aggregate, intent(aggregate))
         changed = [aggregate for aggregate, _ in results.values() if aggregate.pending_events]
         unchanged = {aggregate.id for aggregate, _ in results.values() if not aggregate.pending_events}
@@ -228,7 +252,7 @@ class Worker:
             aggregate = self.orch.load(uuid)
             work = intent(aggregate)
             if not aggregate.pending_events:
-                return (aggregate, work), False
+                return (aggregate, work or self._adopt(aggregate)), False
             try:
                 self.stats["saves"] += 1
                 self.orch.save([aggregate], wake=False)
@@ -239,9 +263,21 @@ class Worker:
         self.log.warning("gave up recording after repeated conflicts", saga_uuid=str(uuid))
         return None
 
-    def _release(self, aggregate: SagaAggregate) -> None:
+    def _adopt(self, aggregate: SagaAggregate) -> Work | None:
+        """The attempt this worker recorded itself, if the save that did so reported a conflict.
+
+        A commit whose acknowledgement was lost is retried by the library and then reported as a
+        conflict although it landed: the reloaded saga shows our own claim, which we must run.
+        """
+        flight = aggregate.run.in_flight
+        if flight is None or flight.worker != self.worker_id or aggregate.id in self.running:
+            return None
+        return Work(aggregate.id, flight.kind, flight.name, flight.attempt)
+
+    def _release(self, aggregate: SagaAggregate, due_at: datetime | None = None) -> None:
+        """Hand a claimed row back, due when the saga says (or at ``due_at``)."""
         self.stats["releases"] += 1
-        self.orch.store.index.release(aggregate.id, aggregate.version, aggregate.run.due_at)
+        self.orch.store.index.release(aggregate.id, aggregate.version, due_at or aggregate.run.due_at)
 
     # Running
 
@@ -290,20 +326,34 @@ class Worker:
         """Record the outcomes of finished (or timed-out) attempts, many sagas per save."""
         now = time.monotonic()
         batch = Batch()
+        ended: dict[UUID, Running] = {}
         for uuid, running in list(self.running.items()):
-            if running.future.done():
-                outcome = running.future.result()
-            elif running.deadline is not None and now >= running.deadline:
-                running.future.cancel()  # stops an async step; a sync one runs on, ignored
-                seconds = running.deadline - running.started
-                outcome = Outcome(error=f"TimeoutError: attempt timed out after {seconds:g} s")
-            else:
-                continue
-            del self.running[uuid]
-            self._log_outcome(running, outcome)
-            batch.intents[uuid] = (running.aggregate, self._outcome_intent(running.work, outcome))
+            if running.outcome is None:
+                if running.future.done():
+                    running.outcome = running.future.result()
+                elif running.deadline is not None and now >= running.deadline:
+                    if not running.future.cancel():  # an async step stops; a sync one runs on, ignored
+                        self.abandoned[uuid] = running.future
+                    seconds = running.deadline - running.started
+                    running.outcome = Outcome(error=f"TimeoutError: attempt timed out after {seconds:g} s")
+                else:
+                    continue
+                self._log_outcome(running, running.outcome)
+            ended[uuid] = running
+            aggregate = None if running.stale else running.aggregate
+            batch.intents[uuid] = (aggregate, self._outcome_intent(running.work, running.outcome))
         if batch.intents:
-            self._commit(batch)
+            try:
+                self._commit(batch)
+            except Exception:
+                # Outcomes stay in hand for the next round; the aggregates, changed in memory by a
+                # save that failed, are reloaded then (a failed save leaves them unusable).
+                for running in ended.values():
+                    running.stale = True
+                raise
+            for uuid, running in ended.items():
+                if self.running.get(uuid) is running:  # not replaced by the saga's next attempt
+                    del self.running[uuid]
         return len(batch.intents)
 
     def _outcome_intent(self, work: Work, outcome: Outcome) -> Intent:
@@ -324,8 +374,10 @@ class Worker:
             return
         lease_until = utcnow() + timedelta(seconds=self.lease)
         changed = []
-        for _, running in due:
+        for uuid, running in due:
             running.renew_at = now + self.lease / 3
+            if running.stale:
+                running.aggregate, running.stale = self.orch.load(uuid), False
             if running.aggregate.renew(running.work, lease_until, utcnow()):
                 changed.append(running)
         if not changed:
@@ -336,6 +388,10 @@ class Worker:
         except IntegrityError:
             for running in changed:
                 self._renew_one(running, lease_until)
+        except Exception:
+            for running in changed:
+                running.stale = True  # the failed save changed them in memory only
+            raise
 
     def _renew_one(self, running: Running, lease_until: Any) -> None:
         for _ in range(5):

@@ -37,14 +37,12 @@ class StatusProjection:
         self.page_size = page_size
 
     def rebuild(self) -> Progress:
-        """Empty the read model and replay every history into it.
+        """Replay every history into the read model, rewriting each saga's row from its events.
 
-        Safe while workers run: rows carry versions and a replayed row never replaces a newer one.
+        Rows are upserted in place, never emptied first, so ``status()`` keeps answering during a
+        rebuild; safe while workers run, since a replayed row never replaces a newer one.
         """
-        store = self.orch.store
-        store.index.write_status([], None, reset=True)
-        # Read the head after the reset: later sagas write their own rows inline.
-        head = store.recorder.max_notification_id() or 0
+        head = self.orch.store.recorder.max_notification_id() or 0
         return self._replay(0, head)
 
     def catch_up(self) -> Progress:
@@ -70,7 +68,8 @@ class StatusProjection:
             if not page:
                 break
             ids: dict[UUID, None] = dict.fromkeys(UUID(str(n.originator_id)) for n in page)
-            entries = [index_entry(self.orch.load(uuid)) for uuid in ids]
+            aggregates = self.orch.fold(store.index.select_events_many(list(ids)))
+            entries = [index_entry(aggregate) for aggregate in aggregates.values()]
             position = page[-1].id
             store.index.write_status(entries, position)
             notifications += len(page)

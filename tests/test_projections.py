@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 
-from orchestrator import Orchestrator, SagaState
+from orchestrator import Orchestrator, SagaNotFound, SagaState
 from projections import StatusProjection
 from tests.conftest import drain
 from tests.test_smoke import Ship
@@ -37,3 +38,29 @@ def test_tracking_position_follows_every_save(database_url: str) -> None:
         assert orch.store.index.status_position() == orch.store.recorder.max_notification_id()
         assert (orch.store.index.status_position() or 0) > (first or 0)
         assert StatusProjection(orch).catch_up().sagas == 0
+
+
+def test_status_keeps_answering_during_a_rebuild() -> None:
+    """A rebuild rewrites rows in place: status() never says 'not found' for a started saga meanwhile."""
+    with Orchestrator(sagas=[Ship], database="memory://") as orch:
+        ids = [orch.start(Ship, {"item": f"i{i}"}) for i in range(60)]
+        missing: list[str] = []
+        done = threading.Event()
+
+        def read() -> None:
+            while not done.is_set():
+                for saga_id in ids:
+                    try:
+                        orch.status(saga_id)
+                    except SagaNotFound:
+                        missing.append(saga_id)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        try:
+            progress = StatusProjection(orch, page_size=1).rebuild()
+        finally:
+            done.set()
+            reader.join()
+    assert progress.sagas == 60
+    assert missing == []

@@ -5,9 +5,10 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
+from eventsourcing.persistence import IntegrityError, OperationalError
 from pydantic import BaseModel
 
 from orchestrator import NonRetryable, Orchestrator, SagaState, Settings, step
@@ -128,3 +129,98 @@ def test_worker_wakes_on_another_writer_not_on_polling(shared_url: str) -> None:
             thread.join(10)
     assert status.state is SagaState.COMPLETED
     assert elapsed < 5
+
+
+class Once(Saga[Item]):
+    runs: ClassVar[list[tuple[str, int]]] = []
+
+    @step
+    def charge(self, item: Item) -> int:
+        Once.runs.append(("charge", self.attempt))
+        return item.n
+
+    @step
+    def ship(self, item: Item) -> int:
+        Once.runs.append(("ship", self.attempt))
+        return item.n
+
+
+def test_a_save_that_landed_but_reported_a_conflict_still_runs_its_step(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lost commit acknowledgement (saved, then reported as a conflict) does not strand the claimed step."""
+    Once.runs = []
+    with Orchestrator(sagas=[Once], database=database_url) as orch:
+        saga_id = orch.start(Once, {"n": 1})
+        original = orch.save
+        lost: list[int] = []
+
+        def save(aggregates: list[Any], **options: Any) -> None:
+            original(aggregates, **options)  # it landed...
+            if not lost:
+                lost.append(1)
+                raise IntegrityError("duplicate key (the library's retry after a lost acknowledgement)")
+
+        monkeypatch.setattr(orch, "save", save)
+        (status,) = drain(orch, saga_id)
+        history = orch.history(saga_id)
+    assert lost == [1]
+    assert status.state is SagaState.COMPLETED
+    assert Once.runs == [("charge", 1), ("ship", 1)]
+    assert not [e for e in history if e.type == "StepAttemptFailed"]
+
+
+def test_a_storage_error_keeps_finished_outcomes_for_the_next_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OperationalError while recording outcomes neither stops the worker nor re-runs the finished steps."""
+    Once.runs = []
+    with Orchestrator(sagas=[Once], database="memory://") as orch:
+        ids = [orch.start(Once, {"n": n}) for n in range(3)]
+        original = orch.save
+        calls: list[int] = []
+
+        def save(aggregates: list[Any], **options: Any) -> None:
+            calls.append(1)
+            if len(calls) == 2:  # the first batch of outcomes
+                raise OperationalError("canceling statement due to lock timeout")
+            original(aggregates, **options)
+
+        monkeypatch.setattr(orch, "save", save)
+        statuses = drain(orch, *ids)
+    assert [s.state for s in statuses] == [SagaState.COMPLETED] * 3
+    assert sorted(Once.runs) == sorted([("charge", 1), ("ship", 1)] * 3)
+
+
+class Sleepy(Saga[Item]):
+    live = 0
+    peak = 0
+    attempts: ClassVar[list[int]] = []
+    lock = threading.Lock()
+
+    @step(timeout=0.1, retry={"max_attempts": 3, "initial_interval": 0.01, "max_interval": 0.01})
+    def slow(self, item: Item) -> str:
+        with Sleepy.lock:
+            Sleepy.attempts.append(self.attempt)
+            Sleepy.live += 1
+            Sleepy.peak = max(Sleepy.peak, Sleepy.live)
+        time.sleep(0.4 if self.attempt == 1 else 0)
+        with Sleepy.lock:
+            Sleepy.live -= 1
+        return "done"
+
+
+def test_a_timed_out_thread_never_overlaps_the_retry_of_its_step() -> None:
+    """A `def` step past its timeout keeps its thread; its retry waits for that thread instead of running beside it."""
+    Sleepy.attempts, Sleepy.peak = [], 0
+    with Orchestrator(sagas=[Sleepy], database="memory://") as orch:
+        saga_id = orch.start(Sleepy, {"n": 1})
+        worker = Worker(orch, poll_interval=0.02)
+        thread = threading.Thread(target=worker.run, kwargs={"drain": False})
+        thread.start()
+        try:
+            status = orch.wait(saga_id, timeout=10)
+        finally:
+            worker.stop()
+            thread.join(10)
+    assert status.state is SagaState.COMPLETED
+    assert Sleepy.attempts == [1, 2]
+    assert Sleepy.peak == 1
