@@ -78,10 +78,15 @@ class SQLiteIndexRecorder(SQLiteApplicationRecorder):
     def construct_create_table_statements(self) -> list[str]:
         return [*super().construct_create_table_statements(), *SCHEMA]
 
+    last_own_id = 0
+    """The last event id this process wrote (so a watcher can tell its own commits from others')."""
+
     def _insert_events(
         self, c: SQLiteCursor, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> Sequence[int] | None:
         ids = super()._insert_events(c, stored_events, **kwargs)
+        if ids:
+            self.last_own_id = max(self.last_own_id, ids[-1])
         entries: Sequence[IndexEntry] = kwargs.get("index", ())
         if entries:
             c.executemany(UPSERT_STATUS, [status_params(e) for e in entries])
@@ -96,7 +101,7 @@ class SQLiteIndexRecorder(SQLiteApplicationRecorder):
         return ids
 
     def waker(self, wake: Callable[[], None]) -> Waker | None:
-        return DataVersionWatcher(self.datastore.pool.db_name, wake)
+        return DataVersionWatcher(self.datastore.pool.db_name, wake, lambda: self.last_own_id)
 
     def claim(self, owner: str, now: datetime, lease_until: datetime, limit: int) -> list[Claim]:
         with self.datastore.transaction(commit=True) as c:
@@ -185,9 +190,12 @@ class DataVersionWatcher(ThreadWaker):
 
     name = "saga-sqlite-watch"
 
-    def __init__(self, path: str, wake: Callable[[], None], interval: float = 0.01) -> None:
+    def __init__(
+        self, path: str, wake: Callable[[], None], last_own_id: Callable[[], int], interval: float = 0.01
+    ) -> None:
         super().__init__(wake)
         self.path = path
+        self.last_own_id = last_own_id
         self.interval = interval
 
     def watch(self) -> None:
@@ -197,7 +205,11 @@ class DataVersionWatcher(ThreadWaker):
             while not self.stopping.wait(self.interval):
                 version = conn.execute("PRAGMA data_version").fetchone()[0]
                 if seen is not None and version != seen:
-                    self.wake()
+                    # This process's own pool connections change data_version too; only events
+                    # beyond the last one we wrote are news (others' claims need no wake-up).
+                    head = conn.execute("SELECT max(rowid) FROM stored_events").fetchone()[0] or 0
+                    if head > self.last_own_id():
+                        self.wake()
                 seen = version
         except sqlite3.Error:
             self.wake()  # polling still works; a watcher is only a shortcut
