@@ -171,8 +171,7 @@ class SagaAggregate(BaseAggregate[UUID]):
         self, work: Work, outcome: Outcome, now: datetime, policies: dict[tuple[str, str], RetryPolicy]
     ) -> bool:
         """Record the outcome of ``work`` if it is still the attempt in flight; else drop it."""
-        flight = self.run.in_flight
-        if flight is None or (flight.kind, flight.name, flight.attempt) != (work.kind, work.name, work.attempt):
+        if not self.holds(work):
             return False
         if outcome.error is None:
             if work.kind == "step":
@@ -223,10 +222,14 @@ class SagaAggregate(BaseAggregate[UUID]):
                     ev.CompensationAttemptFailed, now, name=name, attempt=attempt, error=error, retry_at=retry_at
                 )
 
+    def holds(self, work: Work) -> bool:
+        """Whether ``work`` is still the attempt in flight (not timed out, lost or superseded)."""
+        flight = self.run.in_flight
+        return flight is not None and (flight.kind, flight.name, flight.attempt) == (work.kind, work.name, work.attempt)
+
     def renew(self, work: Work, lease_until: datetime, now: datetime) -> bool:
         """Extend the lease of ``work`` if it is still the attempt in flight."""
-        flight = self.run.in_flight
-        if flight is None or (flight.kind, flight.name, flight.attempt) != (work.kind, work.name, work.attempt):
+        if not self.holds(work):
             return False
         self._record(ev.LeaseRenewed, now, name=work.name, attempt=work.attempt, lease_until=lease_until)
         return True

@@ -393,17 +393,14 @@ class Worker:
                 running.stale = True  # the failed save changed them in memory only
             raise
 
-    def _renew_one(self, running: Running, lease_until: Any) -> None:
-        for _ in range(5):
-            aggregate = self.orch.load(running.work.saga_uuid)
-            running.aggregate = aggregate
-            if not aggregate.renew(running.work, lease_until, utcnow()):
-                return
-            try:
-                self.orch.save([aggregate], wake=False)
-                return
-            except IntegrityError:
-                continue
+    def _renew_one(self, running: Running, lease_until: datetime) -> None:
+        def renew(aggregate: SagaAggregate) -> Work | None:
+            aggregate.renew(running.work, lease_until, utcnow())
+            return None
+
+        redone = self._commit_one(running.work.saga_uuid, renew)
+        if redone is not None:
+            running.aggregate = redone[0][0]
 
     def _idle(self) -> None:
         timeout = self.poll_interval
