@@ -242,17 +242,3 @@ def redact(url: str) -> str:
     if parts.password:
         return url.replace(f":{parts.password}@", ":***@")
     return url
-
-
-def entry_fields(entry: IndexEntry) -> dict[str, Any]:
-    """The columns of a status row."""
-    return {
-        "saga_uuid": entry.saga_uuid,
-        "saga_id": entry.saga_id,
-        "saga": entry.saga,
-        "state": entry.state,
-        "version": entry.version,
-        "created_at": entry.created_at,
-        "updated_at": entry.updated_at,
-        "doc": entry.doc,
-    }
