@@ -12,10 +12,10 @@ from typing import Any
 from uuid import UUID, uuid4
 
 from eventsourcing.persistence import IntegrityError, StoredEvent
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from orchestrator.aggregate import SagaAggregate, aggregate_id, policies_of
-from orchestrator.definition import Saga
+from orchestrator.definition import JSON_OBJECT, Saga
 from orchestrator.errors import (
     DefinitionError,
     InvalidInput,
@@ -34,7 +34,6 @@ from orchestrator.store import Database, EventStore, IndexEntry, open_store, par
 
 SagaRef = type[Saga[Any]] | str
 COMMAND_RETRIES = 8
-JSON_OBJECT = TypeAdapter(dict[str, Any])
 
 
 def utcnow() -> datetime:

@@ -22,6 +22,8 @@ from orchestrator.retry import RetryPolicy, normalize_retry, to_seconds
 
 InputT = TypeVar("InputT", bound=BaseModel)
 Fn = Callable[..., Any]
+JSON_OBJECT: TypeAdapter[dict[str, Any]] = TypeAdapter(dict[str, Any])
+"""Dumps a dict of JSON-compatible values (step events, sent events) to plain JSON data."""
 
 
 def _return_adapter(fn: Fn) -> TypeAdapter[Any]:
@@ -216,7 +218,7 @@ class Saga(Generic[InputT], metaclass=_SagaMeta):
         if isinstance(event, BaseModel):
             payload, default = event.model_dump(mode="json"), type(event).__name__
         elif isinstance(event, dict):
-            payload, default = TypeAdapter(dict[str, Any]).dump_python(event, mode="json"), "event"
+            payload, default = JSON_OBJECT.dump_python(event, mode="json"), "event"
         else:
             raise TypeError(f"emit() takes a pydantic model or a dict, not {event!r}")
         self._emitted.append({"name": name or default, "data": payload})

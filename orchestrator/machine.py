@@ -13,7 +13,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict
 
-from orchestrator.status import SagaState, SagaStatus, StepState, StepStatus
+from orchestrator.status import SagaState, SagaStatus, StepState
 
 Kind = Literal["step", "compensation"]
 
@@ -133,7 +133,7 @@ class SagaRun:
         return self.nodes[self.cursor].plan.name if self.cursor < len(self.nodes) else None
 
     def status_json(self) -> bytes:
-        """``to_status()`` as JSON, built directly: this runs on every save."""
+        """The status document, built with orjson rather than through pydantic: this runs on every save."""
         return orjson.dumps(
             {
                 "saga_id": self.saga_id,
@@ -162,31 +162,8 @@ class SagaRun:
         )
 
     def to_status(self) -> SagaStatus:
-        """The caller's view of this state."""
-        return SagaStatus(
-            saga_id=self.saga_id,
-            saga=self.saga,
-            version=self.version,
-            state=self.state,
-            current_step=self.current_step(),
-            steps=[
-                StepStatus(
-                    name=node.plan.name,
-                    state=node.state,
-                    attempts=node.attempts,
-                    last_error=node.last_error,
-                    kind=node.plan.kind,
-                    compensation_attempts=node.compensation_attempts,
-                )
-                for node in self.nodes
-            ],
-            result=dict(self.results),
-            error=self.error,
-            created_at=self.created_at,
-            updated_at=self.updated_at,
-            due_at=self.due_at,
-            waiting_for=self.waiting_for,
-        )
+        """The caller's view of this state (the document the status table stores)."""
+        return SagaStatus.model_validate_json(self.status_json())
 
 
 # The actions a worker obeys.
