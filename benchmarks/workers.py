@@ -44,6 +44,12 @@ class Workers(Protocol):
         """Stop the workers (they finish the attempts in hand) and return their closing figures."""
 
 
+def worker_trouble(record: dict[str, Any]) -> bool:
+    """Whether a log line is a warning about the worker itself; the failures of sagas (the compensate
+    workload's, say) are the workload, not trouble."""
+    return record.get("level") in ("warning", "error", "critical") and "saga_id" not in record
+
+
 class WorkerProcess:
     """One ``saga worker`` subprocess whose stderr is read by a thread."""
 
@@ -89,7 +95,7 @@ class WorkerProcess:
             self.lines.append(record)
             if record.get("event") == "worker started":
                 self.ready.set()
-            elif record.get("level") in ("warning", "error", "critical"):
+            elif worker_trouble(record):
                 print(f"  worker {self.process.pid}: {line.rstrip()}", file=sys.stderr, flush=True)
 
     def describe_failure(self) -> str:
@@ -106,7 +112,7 @@ class WorkerProcess:
         figures: dict[str, Any] = {key: int(final.get(key, 0)) for key in COUNTERS}
         figures["peak_rss_mb"] = float(final.get("peak_rss_mb", 0.0))
         figures["pid"] = self.process.pid
-        figures["warnings"] = sum(1 for line in self.lines if line.get("level") in ("warning", "error", "critical"))
+        figures["warnings"] = sum(1 for line in self.lines if worker_trouble(line))
         return figures
 
 

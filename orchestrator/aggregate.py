@@ -47,6 +47,7 @@ def plan_of(saga: type[Saga[Any]]) -> list[PlanNode]:
                 PlanNode(
                     name=node.name,
                     max_attempts=node.retry.max_attempts,
+                    timeout=node.timeout,
                     compensable=compensation is not None,
                     compensation_max_attempts=compensation.retry.max_attempts if compensation else 1,
                 )
@@ -68,6 +69,10 @@ class Outcome:
     error: str | None = None
     retryable: bool = True
     emitted: list[dict[str, Any]] = field(default_factory=list)
+    traceback: str | None = None
+    """The formatted traceback of an unexpected exception, as recorded in the history."""
+    exception: BaseException | None = field(default=None, compare=False, repr=False)
+    """The unexpected exception itself, for the worker's log (never stored)."""
 
 
 @dataclass(frozen=True)
@@ -188,7 +193,17 @@ class SagaAggregate(BaseAggregate[UUID]):
             else:
                 self._record(ev.CompensationSucceeded, now, name=work.name, attempt=work.attempt)
         else:
-            self._fail(work.kind, work.name, work.attempt, outcome.error, outcome.retryable, now, policies, JITTER)
+            self._fail(
+                work.kind,
+                work.name,
+                work.attempt,
+                outcome.error,
+                outcome.retryable,
+                now,
+                policies,
+                JITTER,
+                outcome.traceback,
+            )
         return True
 
     def _fail(
@@ -201,26 +216,23 @@ class SagaAggregate(BaseAggregate[UUID]):
         now: datetime,
         policies: dict[tuple[str, str], RetryPolicy],
         rand: random.Random,
+        traceback: str | None = None,
     ) -> None:
         node = self.run.node(name)
+        failed: type[ev.SagaEvent]
+        again: type[ev.SagaEvent]
         if kind == "step":
             # A step that fails while the saga is already turning back is not retried.
-            limit = node.plan.max_attempts
-            final = not retryable or attempt >= limit or self.run.compensating
-            if final:
-                self._record(ev.StepFailed, now, name=name, attempt=attempt, error=error)
-            else:
-                retry_at = now + timedelta(seconds=policies[(kind, name)].delay(attempt, rand))
-                self._record(ev.StepAttemptFailed, now, name=name, attempt=attempt, error=error, retry_at=retry_at)
+            final = not retryable or attempt >= node.plan.max_attempts or self.run.compensating
+            failed, again = ev.StepFailed, ev.StepAttemptFailed
         else:
-            limit = node.plan.compensation_max_attempts
-            if not retryable or attempt - node.compensation_base >= limit:
-                self._record(ev.CompensationFailed, now, name=name, attempt=attempt, error=error)
-            else:
-                retry_at = now + timedelta(seconds=policies[(kind, name)].delay(attempt, rand))
-                self._record(
-                    ev.CompensationAttemptFailed, now, name=name, attempt=attempt, error=error, retry_at=retry_at
-                )
+            final = not retryable or attempt - node.compensation_base >= node.plan.compensation_max_attempts
+            failed, again = ev.CompensationFailed, ev.CompensationAttemptFailed
+        if final:
+            self._record(failed, now, name=name, attempt=attempt, error=error, traceback=traceback)
+        else:
+            retry_at = now + timedelta(seconds=policies[(kind, name)].delay(attempt, rand))
+            self._record(again, now, name=name, attempt=attempt, error=error, retry_at=retry_at, traceback=traceback)
 
     def holds(self, work: Work) -> bool:
         """Whether ``work`` is still the attempt in flight (not timed out, lost or superseded)."""
@@ -245,6 +257,14 @@ class SagaAggregate(BaseAggregate[UUID]):
     def retry(self, now: datetime) -> None:
         """Resume a failed saga (the caller checked it is ``failed``)."""
         self._record(ev.SagaRetried, now)
+
+    def terminate(self, reason: str | None, now: datetime) -> None:
+        """End the saga where it stands, compensating nothing (the caller checked it may end)."""
+        self._record(ev.SagaTerminated, now, reason=reason)
+
+    def resolve(self, step: str, reason: str | None, now: datetime) -> None:
+        """Mark a failed compensation as done by hand (the caller checked it failed)."""
+        self._record(ev.CompensationResolved, now, name=step, reason=reason)
 
 
 register_topic(TOPIC, SagaAggregate)

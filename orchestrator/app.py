@@ -5,13 +5,14 @@ from __future__ import annotations
 import builtins
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 from uuid import UUID, uuid4
 
-from eventsourcing.persistence import IntegrityError, StoredEvent
+from eventsourcing.persistence import IntegrityError, PersistenceError, StoredEvent
 from pydantic import BaseModel, ValidationError
 
 from orchestrator.aggregate import SagaAggregate, aggregate_id, policies_of
@@ -28,9 +29,10 @@ from orchestrator.errors import (
 )
 from orchestrator.events import SagaEvent
 from orchestrator.retry import RetryPolicy
+from orchestrator.safety import check_saga_id, check_text, clean_error, encode, short, unstorable
 from orchestrator.settings import Settings
 from orchestrator.status import HistoryEvent, SagaState, SagaStatus
-from orchestrator.store import Database, EventStore, IndexEntry, open_store, parse_database_url
+from orchestrator.store import Database, EventStore, IndexEntry, open_store, parse_database_url, storage_error
 
 SagaRef = type[Saga[Any]] | str
 COMMAND_RETRIES = 8
@@ -139,7 +141,8 @@ class Orchestrator:
         saga_class = self.saga_class(saga)
         aggregate = self._new_saga(saga_class, input, saga_id, start_at)
         try:
-            self.save([aggregate])
+            with self.translating("starting a saga"):
+                self.save([aggregate])
         except IntegrityError:
             # Either started before, or our own commit landed and its acknowledgement was lost.
             existing = self._load(aggregate.run.saga_id)
@@ -166,13 +169,15 @@ class Orchestrator:
         ids: builtins.list[str | None] = [None] * len(inputs) if saga_ids is None else builtins.list(saga_ids)
         if len(ids) != len(inputs):
             raise InvalidInput(f"{len(inputs)} inputs but {len(ids)} saga ids")
-        if len({i for i in ids if i is not None}) != len([i for i in ids if i is not None]):
+        given = [check_saga_id(i) for i in ids if i is not None]
+        if len(set(given)) != len(given):
             raise InvalidInput("saga_ids repeat an id")
         aggregates = [self._new_saga(saga_class, data, i, start_at) for data, i in zip(inputs, ids, strict=True)]
         if not aggregates:
             return []
         try:
-            self.save(aggregates)
+            with self.translating("starting sagas"):
+                self.save(aggregates)
         except IntegrityError:  # some were started before: settle each as start() does
             return [self.start(saga_class, a.run.input, saga_id=a.run.saga_id, start_at=start_at) for a in aggregates]
         return [a.run.saga_id for a in aggregates]
@@ -184,13 +189,10 @@ class Orchestrator:
         saga_id: str | None,
         start_at: datetime | None,
     ) -> SagaAggregate:
+        saga_id = uuid4().hex if saga_id is None else check_saga_id(saga_id)
         payload = self.validate_input(saga_class, data)
         if start_at is not None and (not isinstance(start_at, datetime) or start_at.utcoffset() is None):
-            raise InvalidInput(f"start_at must be a timezone-aware datetime, not {start_at!r}")
-        if saga_id is None:
-            saga_id = uuid4().hex
-        elif not isinstance(saga_id, str) or not saga_id.strip() or len(saga_id) > 200:
-            raise InvalidInput(f"saga_id must be a non-empty string of at most 200 characters, not {saga_id!r}")
+            raise InvalidInput(f"start_at must be a timezone-aware datetime, not {short(start_at)}")
         return SagaAggregate.start(saga_class, saga_id, payload, utcnow(), start_at)
 
     def send(self, saga_id: str, event: str, data: BaseModel | dict[str, Any] | None = None) -> None:
@@ -199,8 +201,8 @@ class Orchestrator:
         Raises ``UnexpectedEvent`` (writing nothing) for an event the saga does not wait for,
         one already delivered, or a saga that has finished.
         """
-        if not isinstance(event, str) or not event:
-            raise InvalidInput(f"an event name is a non-empty string, not {event!r}")
+        if not isinstance(event, str) or not event or len(event) > 200 or not event.isprintable():
+            raise InvalidInput(f"an event name is a non-empty printable string, not {short(event)}")
         payload = self._payload(data)
 
         def deliver(aggregate: SagaAggregate) -> None:
@@ -211,20 +213,54 @@ class Orchestrator:
 
         self._command(saga_id, deliver)
 
-    def cancel(self, saga_id: str, reason: str | None = None) -> None:
-        """Cancel a running or waiting saga: what it did is compensated, then it ends ``cancelled``."""
+    def cancel(self, saga_id: str, reason: str | None = None, *, compensate: bool = True) -> None:
+        """Cancel a running or waiting saga: what it did is compensated, then it ends ``cancelled``.
+
+        With ``compensate=False`` the saga ends ``cancelled`` where it stands and nothing more
+        runs, not even a compensation: the way out of ``failed`` (or of a saga whose input
+        makes every step fail) for an operator who has undone what was needed by hand.
+        """
+        reason = check_text(reason, "a reason")
 
         def cancel(aggregate: SagaAggregate) -> None:
             run = aggregate.run
+            if not compensate:
+                if run.state.terminal and run.state is not SagaState.FAILED:
+                    raise InvalidTransition(f"saga {short(saga_id)} is {run.state.value}: there is nothing to end")
+                aggregate.terminate(reason, utcnow())
+                return
             if run.state.terminal:
-                raise InvalidTransition(f"saga {saga_id!r} is {run.state.value}: there is nothing to cancel")
+                raise InvalidTransition(f"saga {short(saga_id)} is {run.state.value}: there is nothing to cancel")
             if run.cancel_requested:
                 return
             if run.compensating:
-                raise InvalidTransition(f"saga {saga_id!r} is already compensating after a failure")
+                raise InvalidTransition(
+                    f"saga {short(saga_id)} is already compensating after a failure"
+                    " (cancel with compensate=False to stop it where it stands)"
+                )
             aggregate.cancel(reason, utcnow())
 
         self._command(saga_id, cancel)
+
+    def resolve_compensation(self, saga_id: str, step: str, reason: str | None = None) -> None:
+        """Mark the failed compensation of ``step`` as done by hand: the rest of the undo runs.
+
+        For a ``failed`` saga whose compensation cannot succeed (the booking was cancelled by
+        phone, say); ``retry`` is the way when the compensation itself can now succeed.
+        """
+        reason = check_text(reason, "a reason")
+
+        def resolve(aggregate: SagaAggregate) -> None:
+            run = aggregate.run
+            failed = [node.plan.name for node in run.nodes if node.compensation_failed]
+            if run.state is not SagaState.FAILED or step not in failed:
+                raise InvalidTransition(
+                    f"saga {short(saga_id)} is {run.state.value}; only a failed compensation can be resolved"
+                    + (f" (failed: {', '.join(failed)})" if failed else "")
+                )
+            aggregate.resolve(step, reason, utcnow())
+
+        self._command(saga_id, resolve)
 
     def retry(self, saga_id: str) -> None:
         """Resume a ``failed`` saga: its failed compensation runs again, then the rest of the undo."""
@@ -232,7 +268,7 @@ class Orchestrator:
         def retry(aggregate: SagaAggregate) -> None:
             if aggregate.run.state is not SagaState.FAILED:
                 raise InvalidTransition(
-                    f"saga {saga_id!r} is {aggregate.run.state.value}: only a failed saga can be retried"
+                    f"saga {short(saga_id)} is {aggregate.run.state.value}: only a failed saga can be retried"
                 )
             aggregate.retry(utcnow())
 
@@ -242,9 +278,10 @@ class Orchestrator:
 
     def status(self, saga_id: str) -> SagaStatus:
         """The saga's status, from the status read model (current as soon as ``start`` returns)."""
-        doc = self.store.index.get_status(aggregate_id(saga_id))
+        with self.translating("reading a status"):
+            doc = self.store.index.get_status(aggregate_id(check_saga_id(saga_id)))
         if doc is None:
-            raise SagaNotFound(f"no saga with id {saga_id!r}")
+            raise SagaNotFound(f"no saga with id {short(saga_id)}")
         return SagaStatus.model_validate_json(doc)
 
     def wait(self, saga_id: str, timeout: float | None = None) -> SagaStatus:
@@ -259,7 +296,7 @@ class Orchestrator:
             if status.state.terminal:
                 return status
             if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"saga {saga_id!r} is still {status.state.value} after {timeout} s")
+                raise TimeoutError(f"saga {short(saga_id)} is still {status.state.value} after {timeout} s")
             time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic())))
             pause = min(pause * 2, 0.2)
 
@@ -276,15 +313,17 @@ class Orchestrator:
         name = None if saga is None else self.saga_class(saga).name
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10_000:
             raise InvalidInput(f"limit must be an integer from 1 to 10000, not {limit!r}")
-        docs = self.store.index.list_status(None if state is None else state.value, name, limit)
+        with self.translating("listing sagas"):
+            docs = self.store.index.list_status(None if state is None else state.value, name, limit)
         return [SagaStatus.model_validate_json(doc) for doc in docs]
 
     def history(self, saga_id: str) -> builtins.list[HistoryEvent]:
         """The saga's events in order: its whole life, the truth everything else derives from."""
         store = self.store
-        stored = store.recorder.select_events(aggregate_id(saga_id))
+        with self.translating("reading a history"):
+            stored = store.recorder.select_events(aggregate_id(check_saga_id(saga_id)))
         if not stored:
-            raise SagaNotFound(f"no saga with id {saga_id!r}")
+            raise SagaNotFound(f"no saga with id {short(saga_id)}")
         entries = []
         for record in stored:
             event: SagaEvent = store.mapper.to_domain_event(record)  # type: ignore[assignment]
@@ -304,16 +343,19 @@ class Orchestrator:
 
     # Workers
 
-    def run_worker(self, wait: bool = True, **options: Any) -> None:
+    def run_worker(self, wait: bool = True, **options: Any) -> int:
         """Run steps: with ``wait=False`` drain what is runnable now and return; else run until
         SIGTERM/SIGINT (or ``stop_worker``), then finish the attempts in hand and return.
 
         Options override the settings: ``concurrency``, ``batch_size``, ``lease_seconds``,
-        ``poll_interval``, ``worker_id``.
+        ``poll_interval``, ``worker_id``. Returns how many step threads had not returned when the
+        worker stopped (steps that hang: the process may want to exit without waiting for them).
         """
         from orchestrator.worker import Worker
 
-        Worker(self, **options).run(drain=not wait)
+        worker = Worker(self, **options)
+        worker.run(drain=not wait)
+        return worker.threads_left
 
     # Internals shared with the worker
 
@@ -326,9 +368,12 @@ class Orchestrator:
             raise UnknownSaga(f"unknown saga {saga!r}; registered sagas: {known}")
         return found
 
-    @staticmethod
-    def validate_input(saga: type[Saga[Any]], data: BaseModel | dict[str, Any]) -> dict[str, Any]:
-        """The input as JSON-native data, after validation by the saga's input model."""
+    def validate_input(self, saga: type[Saga[Any]], data: BaseModel | dict[str, Any]) -> dict[str, Any]:
+        """The input as JSON-native data, after validation by the saga's input model.
+
+        What the model accepts must come back from storage as it went in: a NUL character,
+        a NaN, an integer beyond 64 bits, or an input over ``max_input_bytes`` is refused here.
+        """
         model = saga.input_model
         try:
             if isinstance(data, model):
@@ -338,24 +383,53 @@ class Orchestrator:
             elif isinstance(data, dict):
                 valid = model.model_validate(data)
             else:
-                raise InvalidInput(f"{saga.name} takes a {model.__name__} or a dict as input, not {data!r}")
+                raise InvalidInput(f"{saga.name} takes a {model.__name__} or a dict as input, not {short(data)}")
         except ValidationError as error:
-            raise InvalidInput(f"invalid input for {saga.name}: {error}") from None
-        return valid.model_dump(mode="json")
+            raise InvalidInput(f"invalid input for {saga.name}: {one_line(error)}") from None
+        if reason := unstorable(valid):
+            raise InvalidInput(f"invalid input for {saga.name}: {reason}")
+        payload = valid.model_dump(mode="json")
+        # Serialisers (enums, extra fields, custom ones) may produce text the model itself did not hold.
+        if reason := unstorable(payload):
+            raise InvalidInput(f"invalid input for {saga.name}: {reason}")
+        encode(payload, f"the input of {saga.name}", self.settings.max_input_bytes)
+        try:  # what is stored must load again, or every later step would fail on it
+            model.model_validate(payload)
+        except ValidationError as error:
+            raise InvalidInput(
+                f"invalid input for {saga.name}: it does not survive storage as JSON: {one_line(error)}"
+            ) from None
+        return payload
 
-    @staticmethod
-    def _payload(data: BaseModel | dict[str, Any] | None) -> dict[str, Any]:
+    def _payload(self, data: BaseModel | dict[str, Any] | None) -> dict[str, Any]:
         if data is None:
             return {}
-        if isinstance(data, BaseModel):
-            return data.model_dump(mode="json")
-        if isinstance(data, dict):
-            try:
-                dumped: dict[str, Any] = JSON_OBJECT.dump_python(data, mode="json")
-                return dumped
-            except Exception as error:
-                raise InvalidInput(f"event data must be JSON-compatible: {error}") from None
-        raise InvalidInput(f"event data is a dict or a pydantic model, not {data!r}")
+        if not isinstance(data, BaseModel | dict):
+            raise InvalidInput(f"event data is a dict or a pydantic model, not {short(data)}")
+        if reason := unstorable(data):
+            raise InvalidInput(f"event data cannot be stored: {reason}")
+        try:
+            dumped: dict[str, Any] = (
+                data.model_dump(mode="json")
+                if isinstance(data, BaseModel)
+                else JSON_OBJECT.dump_python(data, mode="json")
+            )
+        except Exception as error:
+            raise InvalidInput(f"event data must be JSON-compatible: {one_line(error)}") from None
+        if reason := unstorable(dumped):
+            raise InvalidInput(f"event data cannot be stored: {reason}")
+        encode(dumped, "the event data", self.settings.max_input_bytes)
+        return dumped
+
+    @contextmanager
+    def translating(self, doing: str) -> Iterator[None]:
+        """Turn a database error met while ``doing`` something into a ``StorageError`` (one line)."""
+        try:
+            yield
+        except (IntegrityError, OrchestratorError):
+            raise
+        except PersistenceError as error:
+            raise storage_error(error, self.database, doing) from error
 
     def save(self, aggregates: builtins.list[SagaAggregate], *, wake: bool = True) -> None:
         """Record the aggregates' pending events with their index rows, in one transaction.
@@ -394,35 +468,71 @@ class Orchestrator:
             aggregates[uuid] = event.mutate(aggregates.get(uuid))
         return aggregates
 
+    def fold_each(
+        self, records: Iterable[StoredEvent]
+    ) -> tuple[dict[UUID, SagaAggregate], dict[UUID, tuple[int, str]]]:
+        """Like ``fold``, one saga at a time: a history that cannot be loaded (an event that no longer
+        validates, a topic no longer known) is reported with its last version, and the rest still load."""
+        groups: dict[UUID, builtins.list[StoredEvent]] = {}
+        for record in records:
+            groups.setdefault(UUID(str(record.originator_id)), []).append(record)
+        mapper = self.store.mapper
+        loaded: dict[UUID, SagaAggregate] = {}
+        broken: dict[UUID, tuple[int, str]] = {}
+        for uuid, history in groups.items():
+            try:
+                aggregate: Any = None
+                for record in history:
+                    event: Any = mapper.to_domain_event(record)
+                    aggregate = event.mutate(aggregate)
+                loaded[uuid] = aggregate
+            except Exception as error:
+                reason = " ".join(str(error).split())[:300]
+                broken[uuid] = (
+                    history[-1].originator_version,
+                    f"its history cannot be loaded: {type(error).__name__}: {reason}",
+                )
+        return loaded, broken
+
     def _load(self, saga_id: str) -> SagaAggregate:
         from eventsourcing.application import AggregateNotFoundError
 
         try:
-            return self.load(aggregate_id(saga_id))
+            with self.translating("loading a saga"):
+                return self.load(aggregate_id(saga_id))
         except AggregateNotFoundError:
-            raise SagaNotFound(f"no saga with id {saga_id!r}") from None
+            raise SagaNotFound(f"no saga with id {short(saga_id)}") from None
 
     def _command(self, saga_id: str, command: Any) -> None:
+        check_saga_id(saga_id)
         for _ in range(COMMAND_RETRIES):
             aggregate = self._load(saga_id)
             command(aggregate)
             if not aggregate.pending_events:
                 return
             try:
-                self.save([aggregate])
+                with self.translating("recording a command"):
+                    self.save([aggregate])
                 return
             except IntegrityError:
                 continue  # a worker recorded something meanwhile: reload and decide again
-        raise OrchestratorError(f"saga {saga_id!r} changed {COMMAND_RETRIES} times while recording; try again")
+        raise OrchestratorError(f"saga {short(saga_id)} changed {COMMAND_RETRIES} times while recording; try again")
 
 
 def _why_unexpected(saga_id: str, state: SagaState, event: str, aggregate: SagaAggregate) -> str:
     run = aggregate.run
+    saga, name = short(saga_id), short(event)
     if state.terminal:
-        return f"saga {saga_id!r} is {state.value}: it takes no more events"
+        return f"saga {saga} is {state.value}: it takes no more events"
     if event in run.received:
-        return f"saga {saga_id!r} already received {event!r}"
+        return f"saga {saga} already received {name}"
     if run.compensating:
-        return f"saga {saga_id!r} is compensating: it no longer waits for {event!r}"
+        return f"saga {saga} is compensating: it no longer waits for {name}"
     waits = [node.plan.event for node in run.nodes[run.cursor :] if node.plan.event]
-    return f"saga {saga_id!r} does not wait for {event!r} (it still waits for: {', '.join(waits) or 'nothing'})"
+    return f"saga {saga} does not wait for {name} (it still waits for: {', '.join(waits) or 'nothing'})"
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (pydantic's span several), cut to a readable length."""
+    text = clean_error(" ".join(str(error).split()))
+    return text if len(text) <= 500 else text[:499] + "…"

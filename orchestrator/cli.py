@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import re
 import sys
 from collections.abc import Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import click
+from eventsourcing.persistence import PersistenceError
 from pydantic import ValidationError
 
 from orchestrator.app import Orchestrator
 from orchestrator.errors import OrchestratorError
 from orchestrator.logging import configure_logging
-from orchestrator.settings import Settings
+from orchestrator.safety import escape, short
+from orchestrator.settings import LOG_LEVELS, Settings
 from orchestrator.status import SagaStatus
 
 DEFAULT_APP = "sagas:app"
@@ -28,23 +33,58 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except (OrchestratorError, TimeoutError, ValidationError) as error:
-            click.echo(f"error: {error}", err=True)
+            click.echo(f"error: {escape(' '.join(str(error).split()))}", err=True)
+            sys.exit(1)
+        except PersistenceError as error:  # a database error no command translated
+            click.echo(f"error: database error: {escape(' '.join(str(error).split()))}", err=True)
             sys.exit(1)
 
 
+def echo(text: str) -> None:
+    """Print ``text`` with its control characters escaped (ids and errors come from anyone)."""
+    click.echo(escape(text))
+
+
+_JSON_UNSAFE = re.compile(r"[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def echo_json(text: str) -> None:
+    """Print a JSON document; characters a terminal would act on are written as ``\\uXXXX``."""
+    click.echo(_JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text))
+
+
 def load_app(spec: str) -> Orchestrator:
-    """The orchestrator named by ``module:attribute`` (an Orchestrator, or a function returning one)."""
+    """The orchestrator named by ``module:attribute`` (an Orchestrator, or a function returning one).
+
+    The working directory is importable, as it is for uvicorn and celery.
+    """
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise click.BadParameter(f"expected module:attribute, got {spec!r}", param_hint="--app")
+        raise click.BadParameter(f"expected module:attribute, got {short(spec)}", param_hint="--app")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         target = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as error:
-        raise click.BadParameter(f"cannot load {spec!r}: {error}", param_hint="--app") from error
-    orch = target() if callable(target) and not isinstance(target, Orchestrator) else target
+        raise click.BadParameter(f"cannot load {short(spec)}: {error}", param_hint="--app") from error
+    orch: Any = target() if callable(target) and not isinstance(target, Orchestrator) else target
     if not isinstance(orch, Orchestrator):
-        raise click.BadParameter(f"{spec!r} is not an Orchestrator (got {orch!r})", param_hint="--app")
+        raise click.BadParameter(f"{short(spec)} is not an Orchestrator (got {short(orch)})", param_hint="--app")
     return orch
+
+
+def read_json_argument(text: str | None, what: str) -> dict[str, Any]:
+    """A JSON object given inline, as ``@path`` (a file) or as ``-`` (standard input)."""
+    if text is None:
+        return {}
+    if text == "-":
+        text = sys.stdin.read()
+    elif text.startswith("@"):
+        try:
+            text = Path(text[1:]).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise click.BadParameter(f"cannot read {short(text[1:])}: {error}", param_hint=what) from error
+    return parse_json(text, what)
 
 
 def parse_json(text: str | None, what: str) -> dict[str, Any]:
@@ -66,19 +106,24 @@ def status_table(statuses: Sequence[SagaStatus]) -> str:
     for s in statuses:
         rows.append(
             (
-                s.saga_id,
-                s.saga,
+                _cell(s.saga_id, 60),
+                _cell(s.saga, 40),
                 s.state.value,
-                s.current_step or "-",
+                _cell(s.current_step or "-", 40),
                 str(sum(step.attempts + step.compensation_attempts for step in s.steps)),
                 s.updated_at.strftime("%H:%M:%S"),
-                (s.error or "")[:90],
+                _cell(s.problem or s.error or "", 90),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1] for row in rows
     ).rstrip()
+
+
+def _cell(text: str, width: int) -> str:
+    text = escape(text)
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 app_option = click.option(
@@ -92,7 +137,12 @@ app_option = click.option(
 
 
 @click.group(cls=Group)
-@click.option("--log-level", default=None, help="Lowest level logged (default: SAGA_LOG_LEVEL or info).")
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    default=None,
+    help="Lowest level logged (default: SAGA_LOG_LEVEL or info).",
+)
 @click.option("--json-logs/--console-logs", default=None, help="Log format (default: JSON unless on a terminal).")
 @click.pass_context
 def cli(ctx: click.Context, log_level: str | None, json_logs: bool | None) -> None:
@@ -100,13 +150,18 @@ def cli(ctx: click.Context, log_level: str | None, json_logs: bool | None) -> No
     settings = Settings.from_env()
     configure_logging(
         json=settings.log_json if json_logs is None else json_logs,
-        level=log_level or settings.log_level,
+        level=(log_level or settings.log_level).lower(),
     )
 
 
 def app_of(ctx: click.Context, spec: str) -> Orchestrator:
     """The orchestrator of this invocation, opened, and closed when the command ends."""
     orch = load_app(spec)
+    if not orch.database.durable:
+        raise click.UsageError(
+            "memory:// keeps nothing once this command exits, and no other process can see it; "
+            "use SAGA_DATABASE_URL=sqlite:///sagaworks.db or a postgresql:// URL (memory:// suits tests and saga demo)"
+        )
     ctx.call_on_close(orch.close)
     return orch.open()
 
@@ -119,12 +174,28 @@ def app_of(ctx: click.Context, spec: str) -> Orchestrator:
 @click.pass_context
 def worker(ctx: click.Context, app_spec: str, concurrency: int | None, batch_size: int | None, drain: bool) -> None:
     """Run a worker until SIGTERM/SIGINT; it then finishes the attempts in hand and exits."""
-    app_of(ctx, app_spec).run_worker(wait=not drain, concurrency=concurrency, batch_size=batch_size)
+    orch = load_app(app_spec)
+    if not orch.database.durable:
+        app_of(ctx, app_spec)  # refuses, with the hint
+    ctx.call_on_close(orch.close)
+    # The worker opens storage itself, waiting with backoff while the database is away.
+    if orch.run_worker(wait=not drain, concurrency=concurrency, batch_size=batch_size):
+        # Hung steps whose threads never returned: the interpreter would wait for them at exit,
+        # forever; their leases hand the attempts to other workers.
+        orch.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @cli.command()
 @click.argument("saga")
-@click.option("--input", "input_json", required=True, help="The saga's input as a JSON object.")
+@click.option(
+    "--input",
+    "input_json",
+    required=True,
+    help="The saga's input as a JSON object; @path reads it from a file, - from standard input.",
+)
 @click.option("--id", "saga_id", default=None, help="Saga id (the idempotency key); default: a new one.")
 @click.option(
     "--at",
@@ -139,7 +210,8 @@ def start(
     ctx: click.Context, app_spec: str, saga: str, input_json: str, saga_id: str | None, start_at: datetime | None
 ) -> None:
     """Start a saga and print its id."""
-    click.echo(app_of(ctx, app_spec).start(saga, parse_json(input_json, "--input"), saga_id=saga_id, start_at=start_at))
+    data = read_json_argument(input_json, "--input")
+    echo(app_of(ctx, app_spec).start(saga, data, saga_id=saga_id, start_at=start_at))
 
 
 @cli.command()
@@ -148,7 +220,7 @@ def start(
 @click.pass_context
 def status(ctx: click.Context, app_spec: str, saga_id: str) -> None:
     """Print a saga's status as JSON."""
-    click.echo(app_of(ctx, app_spec).status(saga_id).model_dump_json(indent=2))
+    echo_json(app_of(ctx, app_spec).status(saga_id).model_dump_json(indent=2))
 
 
 @cli.command(name="list")
@@ -163,7 +235,7 @@ def list_(ctx: click.Context, app_spec: str, state: str | None, saga: str | None
     statuses = app_of(ctx, app_spec).list(state=state, saga=saga, limit=limit)
     if as_json:
         for s in statuses:
-            click.echo(s.model_dump_json())
+            echo_json(s.model_dump_json())
     else:
         click.echo(status_table(statuses))
 
@@ -175,30 +247,48 @@ def list_(ctx: click.Context, app_spec: str, state: str | None, saga: str | None
 def history(ctx: click.Context, app_spec: str, saga_id: str) -> None:
     """Print a saga's events in order, one JSON object per line."""
     for event in app_of(ctx, app_spec).history(saga_id):
-        click.echo(event.model_dump_json())
+        echo_json(event.model_dump_json())
 
 
 @cli.command()
 @click.argument("saga_id")
 @click.argument("event")
-@click.option("--data", default=None, help="The event's payload as a JSON object.")
+@click.option("--data", default=None, help="The event's payload as a JSON object (@path: from a file, -: stdin).")
 @app_option
 @click.pass_context
 def send(ctx: click.Context, app_spec: str, saga_id: str, event: str, data: str | None) -> None:
     """Deliver an event (e.g. an approval) to a waiting saga."""
-    app_of(ctx, app_spec).send(saga_id, event, parse_json(data, "--data"))
-    click.echo(f"sent {event} to {saga_id}")
+    payload = read_json_argument(data, "--data")
+    app_of(ctx, app_spec).send(saga_id, event, payload)
+    echo(f"sent {short(event)} to {short(saga_id)}")
 
 
 @cli.command()
 @click.argument("saga_id")
-@click.option("--reason", default=None)
+@click.option("--reason", default=None, help="Why; recorded in the history.")
+@click.option(
+    "--no-compensate",
+    is_flag=True,
+    help="End the saga where it stands (also a failed one), running nothing more, not even compensations.",
+)
 @app_option
 @click.pass_context
-def cancel(ctx: click.Context, app_spec: str, saga_id: str, reason: str | None) -> None:
-    """Cancel a saga: what it did is compensated."""
-    app_of(ctx, app_spec).cancel(saga_id, reason)
-    click.echo(f"cancelling {saga_id}")
+def cancel(ctx: click.Context, app_spec: str, saga_id: str, reason: str | None, no_compensate: bool) -> None:
+    """Cancel a saga: what it did is compensated (unless --no-compensate)."""
+    app_of(ctx, app_spec).cancel(saga_id, reason, compensate=not no_compensate)
+    echo(f"{'ended' if no_compensate else 'cancelling'} {short(saga_id)}")
+
+
+@cli.command()
+@click.argument("saga_id")
+@click.argument("step")
+@click.option("--reason", default=None, help="What was done by hand; recorded in the history.")
+@app_option
+@click.pass_context
+def resolve(ctx: click.Context, app_spec: str, saga_id: str, step: str, reason: str | None) -> None:
+    """Mark a failed saga's failed compensation of STEP as done by hand; the rest of the undo runs."""
+    app_of(ctx, app_spec).resolve_compensation(saga_id, step, reason)
+    echo(f"resolved the compensation of {short(step)} in {short(saga_id)}")
 
 
 @cli.command()
@@ -208,7 +298,7 @@ def cancel(ctx: click.Context, app_spec: str, saga_id: str, reason: str | None) 
 def retry(ctx: click.Context, app_spec: str, saga_id: str) -> None:
     """Resume a failed saga's compensations."""
     app_of(ctx, app_spec).retry(saga_id)
-    click.echo(f"retrying {saga_id}")
+    echo(f"retrying {short(saga_id)}")
 
 
 @cli.group()
@@ -253,7 +343,8 @@ def demo(ctx: click.Context, database: str | None, count: int) -> None:
     from sagas.demo import run_demo  # the CLI is the composition root; the engine never imports sagas
 
     if ctx.parent is not None and ctx.parent.params.get("log_level") is None:
-        configure_logging(json=ctx.parent.params.get("json_logs"), level="warning")  # progress, not logs
+        # Progress, not logs: the demo's sagas fail on purpose, and the table shows how they ended.
+        configure_logging(json=ctx.parent.params.get("json_logs"), level="critical")
     run_demo(database, count)
 
 

@@ -26,6 +26,11 @@ JSON_OBJECT: TypeAdapter[dict[str, Any]] = TypeAdapter(dict[str, Any])
 """Dumps a dict of JSON-compatible values (step events, sent events) to plain JSON data."""
 
 
+def _is_name(value: Any) -> bool:
+    """A saga or event name: printable (no control characters), 1 to 200 characters."""
+    return isinstance(value, str) and 0 < len(value) <= 200 and value.isprintable() and bool(value.strip())
+
+
 def _return_adapter(fn: Fn) -> TypeAdapter[Any]:
     try:
         hints = get_type_hints(fn)
@@ -126,8 +131,8 @@ def wait_for(
 
     On timeout the saga compensates, or carries on when ``on_timeout="continue"``.
     """
-    if not isinstance(event, str) or not event:
-        raise DefinitionError(f"wait_for needs an event name, not {event!r}")
+    if not _is_name(event):
+        raise DefinitionError(f"wait_for needs an event name (printable, 1 to 200 characters), not {event!r}")
     if on_timeout not in ("compensate", "continue"):
         raise DefinitionError(f"on_timeout must be 'compensate' or 'continue', not {on_timeout!r}")
     return WaitDef(event, _positive_seconds(timeout, f"wait_for({event!r}) timeout"), on_timeout)
@@ -207,8 +212,8 @@ class Saga(Generic[InputT], metaclass=_SagaMeta):
         if Generic in cls.__bases__:  # an intermediate generic base, not a saga
             return
         cls.name = cls.__dict__.get("name", cls.__name__)
-        if not isinstance(cls.name, str) or not cls.name:
-            raise DefinitionError(f"{cls.__qualname__}.name must be a non-empty string")
+        if not _is_name(cls.name):
+            raise DefinitionError(f"{cls.__qualname__}.name must be a printable string of 1 to 200 characters")
         cls.input_model = _find_input_model(cls)
         cls.nodes = _collect_nodes(cls)
         cls.step_map = {node.name: node for node in cls.nodes if isinstance(node, StepDef)}
@@ -284,12 +289,34 @@ def _collect_nodes(cls: type) -> tuple[Node, ...]:
         nodes[index] = target.with_compensation(compensation)
         setattr(cls, target.name, nodes[index])
     steps = [node for node in nodes if isinstance(node, StepDef)]
+    for node in steps:
+        if node.origin is node or node.compensation is not None:
+            _check_call(cls, node.fn, "step", ("self", "input"))
+        if node.compensation is not None:
+            _check_call(cls, node.compensation.fn, "compensation", ("self", "input", "result"))
     events = [node.event for node in nodes if isinstance(node, WaitDef)]
     if len(events) != len(set(events)):
         raise DefinitionError(f"{cls.__qualname__}: two wait_for() wait for the same event")
     if not steps:
         raise DefinitionError(f"{cls.__qualname__} has no @step")
     return tuple(nodes)
+
+
+def _check_call(cls: type, fn: Fn, kind: str, params: tuple[str, ...]) -> None:
+    """Refuse a method that the engine could not call as ``fn(self, input[, result])``."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin or C function: nothing to check
+        return
+    try:
+        signature.bind(*params)
+    except TypeError as error:
+        code = getattr(inspect.unwrap(fn), "__code__", None)
+        where = f" ({code.co_filename}:{code.co_firstlineno})" if code else ""
+        raise DefinitionError(
+            f"{cls.__qualname__}.{fn.__name__}{where}: a {kind} is called as "
+            f"{fn.__name__}({', '.join(params)}), but its signature is {fn.__name__}{signature}: {error}"
+        ) from None
 
 
 class Results(Mapping[str, Any]):

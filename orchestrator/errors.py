@@ -39,5 +39,18 @@ class InvalidTransition(OrchestratorError):
     """The operation does not apply to the saga in its current state (e.g. retry of a completed saga)."""
 
 
+class StorageError(OrchestratorError):
+    """The database refused an operation (read-only, full, a constraint) or could not be reached."""
+
+    transient = False
+    """Whether trying again later may succeed (a database that is briefly away, a lock timeout)."""
+
+
+class StorageUnavailable(StorageError):
+    """The database cannot be reached or is busy right now; trying again later may succeed."""
+
+    transient = True
+
+
 class NonRetryable(Exception):
     """Raised by a step or compensation to fail for good now, without further retries."""

@@ -135,6 +135,8 @@ class StepAttemptFailed(StepEvent):
 
     error: str
     retry_at: datetime
+    traceback: str | None = None
+    """Where an unexpected exception was raised (not for ``NonRetryable`` or a timeout)."""
 
     def evolve(self, run: SagaRun) -> None:
         run.node(self.name).last_error = self.error
@@ -145,6 +147,7 @@ class StepFailed(StepEvent):
     """A step failed for good: the saga turns to compensation."""
 
     error: str
+    traceback: str | None = None
 
     def evolve(self, run: SagaRun) -> None:
         node = run.node(self.name)
@@ -244,6 +247,7 @@ class CompensationAttemptFailed(StepEvent):
 
     error: str
     retry_at: datetime
+    traceback: str | None = None
 
     def evolve(self, run: SagaRun) -> None:
         run.node(self.name).last_error = self.error
@@ -254,6 +258,7 @@ class CompensationFailed(StepEvent):
     """A compensation failed for good: the saga will end ``failed`` until ``retry``."""
 
     error: str
+    traceback: str | None = None
 
     def evolve(self, run: SagaRun) -> None:
         node = run.node(self.name)
@@ -272,6 +277,33 @@ class SagaRetried(SagaEvent):
                 # old attempt can never be mistaken for the new one's.
                 node.compensation_failed, node.compensation_base = False, node.compensation_attempts
         run.state, run.due_at, run.error = SagaState.COMPENSATING, self.timestamp, run.cause
+
+
+class CompensationResolved(StepEvent):
+    """An operator undid a step by hand whose compensation had failed; the rest of the undo goes on."""
+
+    reason: str | None = None
+
+    def evolve(self, run: SagaRun) -> None:
+        node = run.node(self.name)
+        node.state, node.compensation_failed = StepState.COMPENSATED, False
+        node.last_error = "compensated by hand" + (f": {self.reason}" if self.reason else "")
+        run.state, run.due_at, run.error = SagaState.COMPENSATING, self.timestamp, run.cause
+
+
+class SagaTerminated(SagaEvent):
+    """An operator ended the saga where it stood, running nothing more: no step, no compensation."""
+
+    reason: str | None = None
+
+    def evolve(self, run: SagaRun) -> None:
+        for node in run.nodes:
+            if node.state is StepState.RUNNING:
+                node.state = StepState.FAILED
+        run.in_flight = None
+        run.waiting_for = run.wait_until = None
+        run.state, run.due_at = SagaState.CANCELLED, None
+        run.error = "cancelled without compensation" + (f": {self.reason}" if self.reason else "")
 
 
 class SagaCompleted(SagaEvent):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import threading
+import traceback
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -12,20 +13,35 @@ from typing import Any
 import structlog
 
 from orchestrator.aggregate import Outcome
+from orchestrator.safety import clean_error
 
 OnSuccess = Callable[[Any], Outcome]
 GivesUp = Callable[[BaseException], bool]
 
 
+MAX_TRACEBACK = 8000
+"""Characters of a traceback kept in the history (its end, where the exception was raised)."""
+
+
 def describe(error: BaseException) -> str:
-    """One line naming the exception and its message, as recorded in the history."""
+    """One line naming the exception and its message, as recorded in the history (storable, capped)."""
     message = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {message[0]}" if message else type(error).__name__
+    return clean_error(f"{type(error).__name__}: {message[0]}" if message else type(error).__name__)
 
 
 def failure(error: BaseException, gives_up: GivesUp) -> Outcome:
-    """The outcome of an attempt that raised ``error``."""
-    return Outcome(error=describe(error), retryable=not gives_up(error))
+    """The outcome of an attempt that raised ``error``; an unexpected one keeps its traceback."""
+    if gives_up(error):
+        return Outcome(error=describe(error), retryable=False)
+    text = "".join(traceback.format_exception(error))
+    if len(text) > MAX_TRACEBACK:
+        text = "…" + text[-MAX_TRACEBACK:]
+    return Outcome(error=describe(error), retryable=True, traceback=clean_error_text(text), exception=error)
+
+
+def clean_error_text(text: str) -> str:
+    """A multi-line text made storable (NUL and lone surrogates escaped), length kept."""
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class StepRunner:

@@ -10,7 +10,7 @@ from uuid import UUID
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.popo import POPOApplicationRecorder
 
-from orchestrator.store import Claim, IndexEntry, Waker
+from orchestrator.store import Claim, IndexEntry, Waker, set_aside_delay, with_problem
 
 
 class MemoryRecorder(POPOApplicationRecorder):
@@ -18,8 +18,9 @@ class MemoryRecorder(POPOApplicationRecorder):
 
     def __init__(self) -> None:
         super().__init__()
-        self.work: dict[UUID, list[Any]] = {}  # [due_at, version, lease_owner, lease_until]
+        self.work: dict[UUID, list[Any]] = {}  # [due_at, version, lease_owner, lease_until, failures]
         self.status: dict[UUID, IndexEntry] = {}
+        self.problems: dict[UUID, tuple[int, str]] = {}  # (version, problem)
         self.position: int | None = None
 
     def _insert_events(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
@@ -35,10 +36,11 @@ class MemoryRecorder(POPOApplicationRecorder):
             if entry.due_at is None:
                 self.work.pop(entry.saga_uuid, None)
             else:
-                self.work[entry.saga_uuid] = [entry.due_at, entry.version, None, None]
+                self.work[entry.saga_uuid] = [entry.due_at, entry.version, None, None, 0]
             current = self.status.get(entry.saga_uuid)
-            if current is None or current.version < entry.version:
+            if current is None or current.version <= entry.version:
                 self.status[entry.saga_uuid] = entry
+                self.problems.pop(entry.saga_uuid, None)
 
     def waker(self, wake: Callable[[], None]) -> Waker | None:
         return None  # one process: its own saves set the wake-up event
@@ -70,6 +72,23 @@ class MemoryRecorder(POPOApplicationRecorder):
                 else:
                     row[0], row[2], row[3] = due_at, None, None
 
+    def set_aside(self, saga_uuid: UUID, version: int, problem: str, now: datetime) -> datetime | None:
+        with self._database_lock:
+            row = self.work.get(saga_uuid)
+            if row is None or row[1] != version:
+                return None
+            row[4] += 1
+            row[0], row[2], row[3] = now + set_aside_delay(row[4]), None, None
+            status = self.status.get(saga_uuid)
+            if status is not None and status.version == version:
+                self.problems[saga_uuid] = (version, problem)
+            due_at: datetime = row[0]
+            return due_at
+
+    def _doc(self, entry: IndexEntry) -> bytes:
+        problem = self.problems.get(entry.saga_uuid)
+        return with_problem(entry.doc, problem[1] if problem else None)
+
     def next_due(self) -> datetime | None:
         with self._database_lock:
             times = [max(row[0], row[3]) if row[3] else row[0] for row in self.work.values()]
@@ -78,7 +97,7 @@ class MemoryRecorder(POPOApplicationRecorder):
     def get_status(self, saga_uuid: UUID) -> bytes | None:
         with self._database_lock:
             entry = self.status.get(saga_uuid)
-            return entry.doc if entry else None
+            return self._doc(entry) if entry else None
 
     def list_status(self, state: str | None, saga: str | None, limit: int) -> list[bytes]:
         with self._database_lock:
@@ -88,7 +107,8 @@ class MemoryRecorder(POPOApplicationRecorder):
                 if (state is None or e.state == state) and (saga is None or e.saga == saga)
             ]
         rows.sort(key=lambda e: (e.updated_at, e.saga_id), reverse=True)
-        return [e.doc for e in rows[:limit]]
+        with self._database_lock:
+            return [self._doc(e) for e in rows[:limit]]
 
     def status_position(self) -> int | None:
         return self.position
@@ -102,6 +122,7 @@ class MemoryRecorder(POPOApplicationRecorder):
                 current = self.status.get(entry.saga_uuid)
                 if current is None or current.version <= entry.version:
                     self.status[entry.saga_uuid] = entry
+                    self.problems.pop(entry.saga_uuid, None)
             if position is not None and (self.position is None or position > self.position):
                 self.position = position
 

@@ -14,10 +14,19 @@ from psycopg import Cursor
 from psycopg.rows import DictRow
 from psycopg.sql import SQL, Composed, Identifier
 
-from orchestrator.errors import ConfigurationError
-from orchestrator.store import APPLICATION_NAME, Claim, IndexEntry, ThreadWaker, Waker
+from orchestrator.errors import StorageError, StorageUnavailable
+from orchestrator.safety import redact_in
+from orchestrator.store import (
+    APPLICATION_NAME,
+    Claim,
+    IndexEntry,
+    ThreadWaker,
+    Waker,
+    set_aside_delay,
+    with_problem,
+)
 
-SCHEMA = """
+SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS {schema}.saga_work (
     saga_uuid uuid PRIMARY KEY,
     due_at timestamptz NOT NULL,
@@ -41,6 +50,13 @@ CREATE TABLE IF NOT EXISTS {schema}.saga_status_tracking (
     application_name text PRIMARY KEY,
     notification_id bigint NOT NULL);
 """
+# Each entry brings the schema from the previous version to the next; never edit a shipped one.
+MIGRATIONS: list[str] = [
+    SCHEMA_V1,
+    # 2: sagas set aside after their history could not be loaded or saved
+    "ALTER TABLE {schema}.saga_status ADD COLUMN IF NOT EXISTS problem text;"
+    " ALTER TABLE {schema}.saga_work ADD COLUMN IF NOT EXISTS failures integer NOT NULL DEFAULT 0;",
+]
 
 # Any two processes may start at once; DDL (the library's CREATE OR REPLACE FUNCTION among it)
 # fails with "tuple concurrently updated" when run concurrently, so it runs under this lock.
@@ -77,10 +93,44 @@ def create_schema(env: dict[str, str]) -> None:
                     factory.application_recorder()
                 finally:
                     factory.close()
+                migrate(conn, schema)
             finally:
                 conn.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK,))
+    except psycopg.OperationalError as error:
+        text = redact_in(" ".join(str(error).split()), [env.get("POSTGRES_PASSWORD", "")])
+        where = f"PostgreSQL at {env['POSTGRES_HOST']}:{env['POSTGRES_PORT']}"
+        if refused(error):
+            raise StorageError(f"{where} refused the connection: {text}") from None
+        raise StorageUnavailable(f"cannot reach {where}: {text}") from None
     except psycopg.Error as error:
-        raise ConfigurationError(f"cannot prepare the PostgreSQL database: {error}") from error
+        text = redact_in(" ".join(str(error).split()), [env.get("POSTGRES_PASSWORD", "")])
+        raise StorageError(f"cannot prepare the PostgreSQL database: {text}") from None
+
+
+# libpq reports a refused login without a SQLSTATE; these are the server's words for "no".
+REFUSALS = ("authentication failed", "does not exist", "no pg_hba.conf entry", "permission denied")
+
+
+def refused(error: BaseException) -> bool:
+    """Whether the server answered and said no (bad login, no such database): waiting will not help.
+
+    A server that is starting up or has too many connections also answers FATAL, and is transient.
+    """
+    text = str(error)
+    return "FATAL" in text and any(marker in text for marker in REFUSALS)
+
+
+def migrate(conn: psycopg.Connection[Any], schema: str) -> None:
+    """Apply the migrations this database has not had yet (the caller holds the schema lock)."""
+    with conn.transaction():
+        conn.execute(_sql("CREATE TABLE IF NOT EXISTS {schema}.saga_schema (version integer NOT NULL)", schema))
+        row = conn.execute(_sql("SELECT max(version) FROM {schema}.saga_schema", schema)).fetchone()
+        version = row[0] if row and row[0] is not None else 0
+        for statement in MIGRATIONS[version:]:
+            conn.execute(_sql(statement, schema))
+        if version < len(MIGRATIONS):
+            conn.execute(_sql("DELETE FROM {schema}.saga_schema", schema))
+            conn.execute(_sql("INSERT INTO {schema}.saga_schema VALUES (%s)", schema), (len(MIGRATIONS),))
 
 
 def _sql(statement: str, schema: str, **names: str) -> Composed:
@@ -94,24 +144,24 @@ class PostgresIndexRecorder(PostgresApplicationRecorder):
     def __init__(self, datastore: PostgresDatastore, **kwargs: Any) -> None:
         super().__init__(datastore, **kwargs)
         s = self.datastore.schema
-        self.sql_create_statements.append(_sql(SCHEMA, s))
         # One statement per table for the whole batch (arrays unnested), not one per saga; arrays
         # go in binary (%b), since quoting JSON documents into a text array costs more than the save.
         # Equal versions may be rewritten by a rebuild; earlier ones never overwrite later ones.
         self.upsert_status = _sql(
-            "INSERT INTO {schema}.saga_status SELECT * FROM unnest(%b::uuid[], %b::text[], %b::text[],"
+            "INSERT INTO {schema}.saga_status (saga_uuid, saga_id, saga, state, version, created_at, updated_at, doc)"
+            " SELECT * FROM unnest(%b::uuid[], %b::text[], %b::text[],"
             " %b::text[], %b::int[], %b::timestamptz[], %b::timestamptz[], %b::jsonb[])"
             " ON CONFLICT (saga_uuid) DO UPDATE SET state = EXCLUDED.state, version = EXCLUDED.version,"
-            " updated_at = EXCLUDED.updated_at, doc = EXCLUDED.doc"
+            " updated_at = EXCLUDED.updated_at, doc = EXCLUDED.doc, problem = NULL"
             " WHERE saga_status.version <= EXCLUDED.version",
             s,
         )
         # Writing a row releases any lease on it: the events just saved say what is due next.
         self.upsert_work = _sql(
-            "INSERT INTO {schema}.saga_work"
-            " SELECT u, d, v, NULL, NULL FROM unnest(%b::uuid[], %b::timestamptz[], %b::int[]) AS t(u, d, v)"
+            "INSERT INTO {schema}.saga_work (saga_uuid, due_at, version)"
+            " SELECT u, d, v FROM unnest(%b::uuid[], %b::timestamptz[], %b::int[]) AS t(u, d, v)"
             " ON CONFLICT (saga_uuid) DO UPDATE SET due_at = EXCLUDED.due_at, version = EXCLUDED.version,"
-            " lease_owner = NULL, lease_until = NULL",
+            " lease_owner = NULL, lease_until = NULL, failures = 0",
             s,
         )
         # The library sends events as an array of a composite type, quoted as text on the client;
@@ -226,6 +276,37 @@ class PostgresIndexRecorder(PostgresApplicationRecorder):
                     (due_at, saga_uuid, version),
                 )
 
+    def set_aside(self, saga_uuid: UUID, version: int, problem: str, now: datetime) -> datetime | None:
+        with self.datastore.transaction(commit=True) as curs:
+            curs.execute(
+                _sql(
+                    "SELECT failures FROM {schema}.saga_work WHERE saga_uuid = %s AND version = %s FOR UPDATE",
+                    self.schema_name,
+                ),
+                (saga_uuid, version),
+            )
+            row = curs.fetchone()
+            if row is None:
+                return None  # the saga moved on meanwhile
+            failures = int(row["failures"]) + 1
+            due_at = now + set_aside_delay(failures)
+            curs.execute(
+                _sql(
+                    "UPDATE {schema}.saga_work SET due_at = %s, lease_owner = NULL, lease_until = NULL, failures = %s"
+                    " WHERE saga_uuid = %s",
+                    self.schema_name,
+                ),
+                (due_at, failures, saga_uuid),
+            )
+            curs.execute(
+                _sql(
+                    "UPDATE {schema}.saga_status SET problem = %s WHERE saga_uuid = %s AND version = %s",
+                    self.schema_name,
+                ),
+                (problem, saga_uuid, version),
+            )
+        return due_at
+
     def select_events_many(self, saga_uuids: list[UUID]) -> list[StoredEvent]:
         if not saga_uuids:
             return []
@@ -247,12 +328,15 @@ class PostgresIndexRecorder(PostgresApplicationRecorder):
     def get_status(self, saga_uuid: UUID) -> bytes | None:
         with self.datastore.transaction(commit=False) as curs:
             curs.execute(
-                _sql("SELECT doc::text AS doc FROM {schema}.saga_status WHERE saga_uuid = %s", self.schema_name),
+                _sql(
+                    "SELECT doc::text AS doc, problem FROM {schema}.saga_status WHERE saga_uuid = %s",
+                    self.schema_name,
+                ),
                 (saga_uuid,),
                 prepare=True,
             )
             row = curs.fetchone()
-        return None if row is None else row["doc"].encode()
+        return None if row is None else with_problem(row["doc"].encode(), row["problem"])
 
     def list_status(self, state: str | None, saga: str | None, limit: int) -> list[bytes]:
         where = []
@@ -263,13 +347,13 @@ class PostgresIndexRecorder(PostgresApplicationRecorder):
         if saga is not None:
             where.append("saga = %s")
             params.append(saga)
-        sql = "SELECT doc::text AS doc FROM {schema}.saga_status"
+        sql = "SELECT doc::text AS doc, problem FROM {schema}.saga_status"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY updated_at DESC LIMIT %s"
         with self.datastore.transaction(commit=False) as curs:
             curs.execute(_sql(sql, self.schema_name), (*params, limit), prepare=True)
-            return [row["doc"].encode() for row in curs.fetchall()]
+            return [with_problem(row["doc"].encode(), row["problem"]) for row in curs.fetchall()]
 
     def status_position(self) -> int | None:
         with self.datastore.transaction(commit=False) as curs:

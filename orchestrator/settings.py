@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from orchestrator.errors import ConfigurationError
+from orchestrator.safety import escape, short
 from orchestrator.store import DEFAULT_DATABASE_URL
+
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error", "critical")
+ENV_PREFIX = "SAGA_"
 
 
 class Settings(BaseSettings):
@@ -14,7 +22,7 @@ class Settings(BaseSettings):
     From the environment, each field is ``SAGA_<FIELD>`` (e.g. ``SAGA_DATABASE_URL``).
     """
 
-    model_config = SettingsConfigDict(env_prefix="SAGA_", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
 
     database_url: str = DEFAULT_DATABASE_URL
     """``sqlite:///path`` (default ``sqlite:///sagaworks.db``), ``postgresql://...`` or ``memory://``."""
@@ -26,15 +34,32 @@ class Settings(BaseSettings):
     """Attempts a worker runs at once (threads for ``def`` steps, one event loop for ``async def``)."""
     batch_size: int = Field(default=128, ge=1)
     """Sagas a worker claims and records per transaction."""
+    shutdown_grace: float = Field(default=30.0, ge=0)
+    """Seconds a stopping worker waits for the attempts in hand before it leaves them to their leases."""
+    max_input_bytes: int = Field(default=1 << 20, ge=1024)
+    """Largest saga input, event payload or step output, in bytes of JSON (default 1 MiB)."""
     log_json: bool | None = None
     """JSON logs (default: when stderr is not a terminal)."""
-    log_level: str = "info"
-    """The lowest level logged."""
+    log_level: LogLevel = "info"
+    """The lowest level logged: debug, info, warning, error or critical."""
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     @classmethod
     def from_env(cls) -> Settings:
-        """Settings from ``SAGA_*`` environment variables."""
-        return cls()
+        """Settings from ``SAGA_*`` environment variables; a bad value names its variable."""
+        try:
+            return cls()
+        except ValidationError as error:
+            first = error.errors()[0]
+            variable = ENV_PREFIX + "_".join(str(part) for part in first["loc"]).upper()
+            value = first.get("input")
+            raise ConfigurationError(
+                f"{variable}={escape(short(value, 40)) if isinstance(value, str) else '…'}: {first['msg']}"
+            ) from None
 
     @classmethod
     def defaults(cls) -> Settings:

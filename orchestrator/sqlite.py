@@ -11,9 +11,9 @@ from uuid import UUID
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteCursor
 
-from orchestrator.store import Claim, IndexEntry, ThreadWaker, Waker
+from orchestrator.store import Claim, IndexEntry, ThreadWaker, Waker, set_aside_delay, with_problem
 
-SCHEMA = [
+SCHEMA_V1 = [
     "CREATE TABLE IF NOT EXISTS saga_work ("
     " saga_uuid TEXT PRIMARY KEY, due_at REAL NOT NULL, version INTEGER NOT NULL,"
     " lease_owner TEXT, lease_until REAL)",
@@ -26,17 +26,26 @@ SCHEMA = [
     "CREATE INDEX IF NOT EXISTS saga_status_updated ON saga_status (updated_at)",
     "CREATE TABLE IF NOT EXISTS saga_status_tracking (application_name TEXT PRIMARY KEY, notification_id INTEGER)",
 ]
+# Each entry brings the schema from the previous version to the next; never edit a shipped one.
+MIGRATIONS: list[list[str]] = [
+    SCHEMA_V1,
+    [  # 2: sagas set aside after their history could not be loaded or saved
+        "ALTER TABLE saga_status ADD COLUMN problem TEXT",
+        "ALTER TABLE saga_work ADD COLUMN failures INTEGER NOT NULL DEFAULT 0",
+    ],
+]
 
 # A later version always wins over an earlier one (a rebuild may rewrite an equal one).
 UPSERT_STATUS = (
-    "INSERT INTO saga_status VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (saga_uuid) DO UPDATE SET"
-    " state = excluded.state, version = excluded.version, updated_at = excluded.updated_at, doc = excluded.doc"
-    " WHERE saga_status.version <= excluded.version"
+    "INSERT INTO saga_status (saga_uuid, saga_id, saga, state, version, created_at, updated_at, doc)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (saga_uuid) DO UPDATE SET"
+    " state = excluded.state, version = excluded.version, updated_at = excluded.updated_at, doc = excluded.doc,"
+    " problem = NULL WHERE saga_status.version <= excluded.version"
 )
 # Writing a row releases any lease on it: the events just saved say what is due next.
 UPSERT_WORK = (
-    "INSERT INTO saga_work VALUES (?, ?, ?, NULL, NULL) ON CONFLICT (saga_uuid) DO UPDATE SET"
-    " due_at = excluded.due_at, version = excluded.version, lease_owner = NULL, lease_until = NULL"
+    "INSERT INTO saga_work (saga_uuid, due_at, version) VALUES (?, ?, ?) ON CONFLICT (saga_uuid) DO UPDATE SET"
+    " due_at = excluded.due_at, version = excluded.version, lease_owner = NULL, lease_until = NULL, failures = 0"
 )
 DELETE_WORK = "DELETE FROM saga_work WHERE saga_uuid = ?"
 TRACK = (
@@ -75,8 +84,41 @@ def status_params(entry: IndexEntry) -> tuple[Any, ...]:
 class SQLiteIndexRecorder(SQLiteApplicationRecorder):
     """SQLite recorder that writes the work and status rows in the events' transaction."""
 
-    def construct_create_table_statements(self) -> list[str]:
-        return [*super().construct_create_table_statements(), *SCHEMA]
+    def create_table(self) -> None:
+        super().create_table()
+        if self._schema_version() < len(MIGRATIONS):
+            self._migrate()
+
+    def _schema_version(self) -> int:
+        with self.datastore.transaction(commit=False) as c:
+            c.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'saga_schema'")
+            if c.fetchone() is None:
+                return 0
+            c.execute("SELECT max(version) FROM saga_schema")
+            row = c.fetchone()
+        return 0 if row is None or row[0] is None else int(row[0])
+
+    def _migrate(self) -> None:
+        # BEGIN IMMEDIATE takes the file's write lock before reading the version (waiting for it
+        # like any writer), so processes opening one file at once migrate one after the other; a
+        # deferred transaction that read first could not upgrade to a write if another committed.
+        conn = sqlite3.connect(self.datastore.pool.db_name, timeout=30, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("CREATE TABLE IF NOT EXISTS saga_schema (version INTEGER)")
+            row = conn.execute("SELECT max(version) FROM saga_schema").fetchone()
+            version = 0 if row is None or row[0] is None else int(row[0])
+            for statement in (sql for migration in MIGRATIONS[version:] for sql in migration):
+                conn.execute(statement)
+            conn.execute("DELETE FROM saga_schema")
+            conn.execute("INSERT INTO saga_schema VALUES (?)", (len(MIGRATIONS),))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        finally:
+            conn.close()
 
     last_own_id = 0
     """The last event id this process wrote (so a watcher can tell its own commits from others')."""
@@ -125,6 +167,28 @@ class SQLiteIndexRecorder(SQLiteApplicationRecorder):
                     (epoch(due_at), saga_uuid.hex, version),
                 )
 
+    def set_aside(self, saga_uuid: UUID, version: int, problem: str, now: datetime) -> datetime | None:
+        with self.datastore.transaction(commit=True) as c:
+            # A write first: it takes the write lock at once (a read first could not upgrade to a
+            # write if another connection committed in between).
+            c.execute(
+                "UPDATE saga_work SET failures = failures + 1 WHERE saga_uuid = ? AND version = ? RETURNING failures",
+                (saga_uuid.hex, version),
+            )
+            row = c.fetchone()
+            if row is None:
+                return None  # the saga moved on meanwhile
+            due_at = now + set_aside_delay(int(row[0]))
+            c.execute(
+                "UPDATE saga_work SET due_at = ?, lease_owner = NULL, lease_until = NULL WHERE saga_uuid = ?",
+                (epoch(due_at), saga_uuid.hex),
+            )
+            c.execute(
+                "UPDATE saga_status SET problem = ? WHERE saga_uuid = ? AND version = ?",
+                (problem, saga_uuid.hex, version),
+            )
+        return due_at
+
     def next_due(self) -> datetime | None:
         with self.datastore.transaction(commit=False) as c:
             c.execute("SELECT min(max(due_at, coalesce(lease_until, due_at))) FROM saga_work")
@@ -133,9 +197,9 @@ class SQLiteIndexRecorder(SQLiteApplicationRecorder):
 
     def get_status(self, saga_uuid: UUID) -> bytes | None:
         with self.datastore.transaction(commit=False) as c:
-            c.execute("SELECT doc FROM saga_status WHERE saga_uuid = ?", (saga_uuid.hex,))
+            c.execute("SELECT doc, problem FROM saga_status WHERE saga_uuid = ?", (saga_uuid.hex,))
             row = c.fetchone()
-        return None if row is None else bytes(row[0])
+        return None if row is None else with_problem(bytes(row[0]), row[1])
 
     def list_status(self, state: str | None, saga: str | None, limit: int) -> list[bytes]:
         where, params = [], []
@@ -145,13 +209,13 @@ class SQLiteIndexRecorder(SQLiteApplicationRecorder):
         if saga is not None:
             where.append("saga = ?")
             params.append(saga)
-        sql = "SELECT doc FROM saga_status"
+        sql = "SELECT doc, problem FROM saga_status"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY updated_at DESC LIMIT ?"
         with self.datastore.transaction(commit=False) as c:
             c.execute(sql, (*params, limit))
-            return [bytes(row[0]) for row in c.fetchall()]
+            return [with_problem(bytes(row[0]), row[1]) for row in c.fetchall()]
 
     def status_position(self) -> int | None:
         with self.datastore.transaction(commit=False) as c:
@@ -199,6 +263,14 @@ class DataVersionWatcher(ThreadWaker):
         self.interval = interval
 
     def watch(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self._watch()
+            except sqlite3.Error:
+                self.wake()  # polling covers the gap; the watcher is only a shortcut
+                self.stopping.wait(1.0)
+
+    def _watch(self) -> None:
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         try:
             seen = None
@@ -211,7 +283,5 @@ class DataVersionWatcher(ThreadWaker):
                     if head > self.last_own_id():
                         self.wake()
                 seen = version
-        except sqlite3.Error:
-            self.wake()  # polling still works; a watcher is only a shortcut
         finally:
             conn.close()

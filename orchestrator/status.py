@@ -70,6 +70,8 @@ class SagaStatus(BaseModel):
     updated_at: datetime
     due_at: datetime | None = None
     waiting_for: str | None = None
+    problem: str | None = None
+    """Why workers have set the saga aside (its history cannot be loaded or saved), if they have."""
 
 
 class HistoryEvent(BaseModel):

@@ -52,12 +52,31 @@ class StatusProjection:
         return self._replay(store.index.status_position() or 0, head)
 
     def run_forever(self, stop: threading.Event, poll_interval: float = 1.0) -> None:
-        """Keep the read model caught up until ``stop`` is set (one instance is enough)."""
+        """Keep the read model caught up until ``stop`` is set (one instance is enough).
+
+        Saves write the status rows themselves, so this finds work only when rows were lost;
+        it says so at start, whenever it replays something, and when it stops.
+        """
+        log.info(
+            "status projection runner started",
+            position=self.orch.store.index.status_position(),
+            head=self.orch.store.recorder.max_notification_id(),
+            poll_interval=poll_interval,
+        )
+        rounds = replayed = 0
         while not stop.is_set():
             progress = self.catch_up()
+            rounds += 1
             if progress.sagas:
-                log.info("status projection caught up", sagas=progress.sagas, position=progress.position)
+                replayed += progress.notifications
+                log.info(
+                    "status projection caught up",
+                    notifications=progress.notifications,
+                    sagas=progress.sagas,
+                    position=progress.position,
+                )
             stop.wait(poll_interval)
+        log.info("status projection runner stopped", rounds=rounds, notifications_replayed=replayed)
 
     def _replay(self, after: int, head: int) -> Progress:
         store = self.orch.store
@@ -68,7 +87,9 @@ class StatusProjection:
             if not page:
                 break
             ids: dict[UUID, None] = dict.fromkeys(UUID(str(n.originator_id)) for n in page)
-            aggregates = self.orch.fold(store.index.select_events_many(list(ids)))
+            aggregates, broken = self.orch.fold_each(store.index.select_events_many(list(ids)))
+            for uuid, (_, problem) in broken.items():  # its row keeps what it was; workers set it aside
+                log.error("saga skipped by the status projection", saga_uuid=str(uuid), problem=problem)
             entries = [index_entry(aggregate) for aggregate in aggregates.values()]
             position = page[-1].id
             store.index.write_status(entries, position)

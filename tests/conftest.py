@@ -70,6 +70,14 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(request.getfixturevalue("pg_url"))
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def durable_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A database that outlives one Orchestrator and that processes can share: a SQLite file or PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'durable.db'}"
+    return str(request.getfixturevalue("pg_url"))
+
+
 def drain(orch: Orchestrator, *saga_ids: str, timeout: float = 20.0) -> list[SagaStatus]:
     """Run the worker in this process until every saga is terminal (waiting on timers as needed)."""
     deadline = time.monotonic() + timeout

@@ -1211,3 +1211,142 @@ def test_emitted_events_are_recorded_before_the_step_succeeds(database_url: str,
         ("StepSucceeded", "ship"),
     ]
     assert ("StepAttemptFailed", "ship") in kinds
+
+
+# The way out of ``failed``
+
+
+def stuck_saga(rec: Recorder) -> Any:
+    """a (undo) / b (undo always fails for good) / c, which fails: ends ``failed`` with ``a`` not undone."""
+
+    class Stuck(Saga[Trip]):
+        @step(retry=FAST)
+        def a(self, trip: Trip) -> str:
+            rec.call("a")
+            return "a"
+
+        @a.compensate
+        def undo_a(self, trip: Trip, out: str) -> None:
+            rec.call("undo_a")
+
+        @step(retry=FAST)
+        def b(self, trip: Trip) -> str:
+            rec.call("b")
+            return "b"
+
+        @b.compensate
+        def undo_b(self, trip: Trip, out: str) -> None:
+            rec.call("undo_b")
+            raise NonRetryable("the refund desk is closed")
+
+        @step(retry=FAST)
+        def c(self, trip: Trip) -> None:
+            rec.call("c")
+            raise NonRetryable("bad input")
+
+    return Stuck
+
+
+def test_cancel_without_compensation_ends_a_failed_saga_running_nothing(
+    database_url: str, rec: Recorder, trip: Trip
+) -> None:
+    """cancel(compensate=False) ends a failed saga cancelled, with its own event and reason, and runs nothing."""
+    stuck = stuck_saga(rec)
+    with Orchestrator(sagas=[stuck], database=database_url) as orch:
+        saga_id = orch.start(stuck, trip)
+        (failed,) = drain(orch, saga_id)
+        assert failed.state is SagaState.FAILED
+        calls = list(rec.calls)
+        orch.cancel(saga_id, "refunded by hand", compensate=False)
+        (ended,) = drain(orch, saga_id)
+        history = orch.history(saga_id)
+        with pytest.raises(InvalidTransition):
+            orch.cancel(saga_id, compensate=False)  # a cancelled saga has nothing left to end
+    assert ended.state is SagaState.CANCELLED
+    assert rec.calls == calls  # undo_a never ran
+    assert history[-1].type == "SagaTerminated"
+    assert history[-1].data["reason"] == "refunded by hand"
+    assert "refunded by hand" in (ended.error or "")
+    assert step_states(ended)["a"] == "succeeded"  # the history says what was not undone
+
+
+def test_cancel_without_compensation_of_a_running_saga_drops_its_attempt(
+    database_url: str, rec: Recorder, trip: Trip
+) -> None:
+    """cancel(compensate=False) during a step: the saga ends cancelled and the attempt's late outcome is dropped."""
+    entered, leave = threading.Event(), threading.Event()
+
+    class Slow(Saga[Trip]):
+        @step(retry=FAST)
+        def first(self, trip: Trip) -> str:
+            rec.call("first")
+            return "1"
+
+        @first.compensate
+        def undo_first(self, trip: Trip, out: str) -> None:
+            rec.call("undo_first")
+
+        @step(retry=FAST)
+        def second(self, trip: Trip) -> str:
+            entered.set()
+            leave.wait(10)
+            rec.call("second")
+            return "2"
+
+        @step(retry=FAST)
+        def third(self, trip: Trip) -> None:
+            rec.call("third")
+
+    with Orchestrator(sagas=[Slow], database=database_url) as orch:
+        saga_id = orch.start(Slow, trip)
+        worker = threading.Thread(target=orch.run_worker, kwargs={"wait": False, "poll_interval": 0.01})
+        worker.start()
+        assert entered.wait(10)
+        orch.cancel(saga_id, compensate=False)
+        leave.set()
+        worker.join(10)
+        (ended,) = drain(orch, saga_id)
+        kinds = types(orch, saga_id)
+    assert ended.state is SagaState.CANCELLED
+    assert rec.calls == ["first", "second"]
+    assert "StepSucceeded" not in kinds[kinds.index("SagaTerminated") :]
+    assert step_states(ended)["second"] == "failed"
+
+
+def test_resolving_a_failed_compensation_runs_the_rest_of_the_undo(
+    database_url: str, rec: Recorder, trip: Trip
+) -> None:
+    """resolve_compensation() marks the failed undo as done by hand; the earlier undos then run."""
+    stuck = stuck_saga(rec)
+    with Orchestrator(sagas=[stuck], database=database_url) as orch:
+        saga_id = orch.start(stuck, trip)
+        drain(orch, saga_id)
+        with pytest.raises(InvalidTransition, match="failed: b"):
+            orch.resolve_compensation(saga_id, "a")  # only the failed compensation can be resolved
+        orch.resolve_compensation(saga_id, "b", "refunded by phone")
+        (resolved,) = drain(orch, saga_id)
+        kinds = types(orch, saga_id)
+        with pytest.raises(InvalidTransition):
+            orch.resolve_compensation(saga_id, "b")
+    assert resolved.state is SagaState.COMPENSATED
+    assert rec.calls[-1] == "undo_a"
+    assert rec.calls.count("undo_b") == 1
+    assert step_states(resolved) == {"a": "compensated", "b": "compensated", "c": "failed"}
+    assert "CompensationResolved" in kinds
+    assert "refunded by phone" in (resolved.steps[1].last_error or "")
+
+
+def test_history_plan_shows_the_timeouts_steps_run_with(database_url: str, trip: Trip) -> None:
+    """The plan recorded in SagaStarted carries each step's timeout, as the worker applies it."""
+
+    class Timed(Saga[Trip]):
+        @step(timeout=60)
+        def slow(self, trip: Trip) -> None: ...
+
+        @step
+        def quick(self, trip: Trip) -> None: ...
+
+    with Orchestrator(sagas=[Timed], database=database_url) as orch:
+        saga_id = orch.start(Timed, trip)
+        plan = orch.history(saga_id)[0].data["plan"]
+    assert [(node["name"], node["timeout"]) for node in plan] == [("slow", 60.0), ("quick", None)]

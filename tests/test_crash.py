@@ -29,8 +29,17 @@ def spawn_worker(database_url: str, log: Path, *extra: str) -> subprocess.Popen[
         "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "--log-level", "warning", "worker", "--app", "tests.crash_app:app",
-         *extra],
+        [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "--log-level",
+            "warning",
+            "worker",
+            "--app",
+            "tests.crash_app:app",
+            *extra,
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -58,27 +67,19 @@ def stop(process: subprocess.Popen[bytes]) -> None:
     assert process.returncode == 0, stderr.decode()
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def crash_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A database that survives the worker processes: a SQLite file, or a PostgreSQL schema."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'crash.db'}"
-    return str(request.getfixturevalue("pg_url"))
-
-
-def test_killed_worker_step_is_rerun_and_recorded_once(crash_url: str, tmp_path: Path) -> None:
+def test_killed_worker_step_is_rerun_and_recorded_once(durable_url: str, tmp_path: Path) -> None:
     """A worker SIGKILLed mid-step: another worker re-runs that step and finishes the saga, once."""
     log = tmp_path / "effects.log"
-    with Orchestrator(sagas=[SlowMiddle, ThreeSteps], database=crash_url, settings=Settings.defaults()) as orch:
+    with Orchestrator(sagas=[SlowMiddle, ThreeSteps], database=durable_url, settings=Settings.defaults()) as orch:
         saga_id = orch.start(SlowMiddle, {"hold": 60.0}, saga_id="crash-1")
-        first = spawn_worker(crash_url, log)
+        first = spawn_worker(durable_url, log)
         try:
             wait_for_line(log, "slow-start crash-1 attempt=1")
         finally:
             first.kill()
             first.communicate(timeout=10)
         assert first.returncode == -signal.SIGKILL
-        second = spawn_worker(crash_url, log)
+        second = spawn_worker(durable_url, log)
         try:
             status = orch.wait(saga_id, timeout=60)
         finally:
@@ -131,3 +132,62 @@ def test_two_workers_share_500_sagas(pg_url: str, tmp_path: Path) -> None:
     assert len({line.split(" pid=")[1] for line in lines}) == 2  # both workers took part
     steps = Counter(line.split(" pid=")[0] for line in lines)
     assert len(steps) == 3 * count  # every step ran
+
+
+def test_worker_process_beside_poison_sagas_completes_the_rest_and_stops_on_sigterm(
+    durable_url: str, tmp_path: Path
+) -> None:
+    """A real ``saga worker`` with poison sagas in its batches completes the good ones (one attempt per
+    step), sets the broken one aside, and exits cleanly within 10 s of SIGTERM."""
+    from datetime import UTC, datetime
+
+    from orchestrator.aggregate import SagaAggregate
+    from tests.poison_app import Pick
+    from tests.test_poison import corrupt_first_event
+
+    with Orchestrator(sagas=[Pick], database=durable_url, settings=Settings.defaults()) as orch:
+        good = [orch.start(Pick, {"name": f"g{i}"}, saga_id=f"good-{i}") for i in range(6)]
+        orch.start(Pick, {"output": "nul"}, saga_id="unstorable-output")
+        orch.save([SagaAggregate.start(Pick, "stale-input", {"name": 42}, datetime.now(UTC), None)])
+        orch.start(Pick, {}, saga_id="broken-history")
+        corrupt_first_event(orch, "broken-history")
+    env = {
+        **os.environ,
+        "SAGA_DATABASE_URL": durable_url,
+        "SAGA_POLL_INTERVAL": "0.1",
+        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "--json-logs", "worker", "--app", "tests.poison_app:app"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        with Orchestrator(sagas=[Pick], database=durable_url, settings=Settings.defaults()) as orch:
+            deadline = time.monotonic() + 30
+            ids = [*good, "unstorable-output", "stale-input"]
+            while not all(orch.status(s).state.terminal for s in ids):
+                assert time.monotonic() < deadline, [(s, orch.status(s).state) for s in ids]
+                assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
+                time.sleep(0.1)
+            while orch.status("broken-history").problem is None:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            for saga_id in good:
+                status = orch.status(saga_id)
+                assert status.state is SagaState.COMPLETED
+                assert [s.attempts for s in status.steps] == [1, 1, 1]
+            assert orch.status("unstorable-output").state is SagaState.COMPENSATED
+            assert orch.status("stale-input").state is SagaState.COMPENSATED
+        begun = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=10)
+        assert time.monotonic() - begun < 10
+        assert process.returncode == 0, stderr.decode()
+        assert b"worker round failed" not in stderr
+        assert b"saga set aside" in stderr
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -76,10 +76,10 @@ def test_name_attribute_overrides_the_saga_name() -> None:
     assert Renamed.name == "trip-booking"
 
 
-@pytest.mark.parametrize("bad_name", ["", 42])
-def test_a_name_must_be_a_non_empty_string(bad_name: Any) -> None:
-    """An empty or non-string ``name`` is refused."""
-    with pytest.raises(DefinitionError, match="non-empty string"):
+@pytest.mark.parametrize("bad_name", ["", 42, "a\x00b", "two\nlines", "x" * 201, "   "])
+def test_a_name_must_be_a_printable_string(bad_name: Any) -> None:
+    """An empty, non-string, too long or unprintable ``name`` is refused."""
+    with pytest.raises(DefinitionError, match="printable string of 1 to 200 characters"):
 
         class Bad(Saga[Trip]):
             name = bad_name
@@ -413,6 +413,8 @@ def test_non_numeric_step_timeout_is_rejected() -> None:
     [
         (("",), {}, "needs an event name"),
         ((None,), {}, "needs an event name"),
+        (("ev\x00t",), {}, "needs an event name"),
+        (("x" * 201,), {}, "needs an event name"),
         (("approved",), {"timeout": 0}, "must be positive"),
         (("approved",), {"timeout": timedelta(seconds=-1)}, "must be positive"),
         (("approved",), {"on_timeout": "ignore"}, "on_timeout must be"),
@@ -442,3 +444,49 @@ def test_step_decorates_callables_only() -> None:
     """``step`` applied to something that is not a function is refused."""
     with pytest.raises(DefinitionError, match="decorates a method"):
         step()(42)  # type: ignore[arg-type]
+
+
+def test_compensation_with_the_wrong_signature_fails_at_import() -> None:
+    """A compensation that cannot take (input, result) is refused when its class is created, naming class,
+    method and file."""
+    with pytest.raises(
+        DefinitionError, match=r"Bad\.undo_a \(.*test_definition\.py:\d+\).*undo_a\(self, input, result\)"
+    ):
+
+        class Bad(Saga[Trip]):
+            @step
+            def a(self, trip: Trip) -> None: ...
+
+            @a.compensate
+            def undo_a(self) -> None: ...
+
+
+def test_step_without_an_input_parameter_fails_at_import() -> None:
+    """A step that cannot take the saga input is refused when its class is created."""
+    with pytest.raises(DefinitionError, match=r"NoInput\.a .*a step is called as a\(self, input\)"):
+
+        class NoInput(Saga[Trip]):
+            @step
+            def a(self) -> None: ...
+
+
+def test_step_with_a_required_extra_parameter_fails_at_import() -> None:
+    """A step that needs more arguments than the engine passes is refused."""
+    with pytest.raises(DefinitionError, match="missing a required argument: 'extra'"):
+
+        class Extra(Saga[Trip]):
+            @step
+            def a(self, trip: Trip, extra: int) -> None: ...
+
+
+def test_flexible_signatures_are_accepted() -> None:
+    """Defaults and *args are fine: the engine's call binds to them."""
+
+    class Loose(Saga[Trip]):
+        @step
+        def a(self, trip: Trip, verbose: bool = False) -> None: ...
+
+        @a.compensate
+        def undo_a(self, *args: Any) -> None: ...
+
+    assert Loose.step_map["a"].compensation is not None

@@ -103,23 +103,15 @@ def test_stopping_worker_finishes_the_attempt_in_hand_and_starts_no_other(tmp_pa
     assert status.state is SagaState.RUNNING
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def shared_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
-    """A database two orchestrators (as two processes would) can share: a SQLite file or PostgreSQL."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'shared.db'}"
-    return str(request.getfixturevalue("pg_url"))
-
-
-def test_worker_wakes_on_another_writer_not_on_polling(shared_url: str) -> None:
+def test_worker_wakes_on_another_writer_not_on_polling(durable_url: str) -> None:
     """A worker polling every 30 s still wakes at once for another writer's saga (NOTIFY / data_version)."""
-    with Orchestrator(sagas=[Flaky], database=shared_url, settings=Settings.defaults()) as worker_side:
+    with Orchestrator(sagas=[Flaky], database=durable_url, settings=Settings.defaults()) as worker_side:
         worker = Worker(worker_side, poll_interval=30)
         thread = threading.Thread(target=worker.run, kwargs={"drain": False})
         thread.start()
         try:
             time.sleep(0.5)  # the worker is idle, sleeping on its 30 s poll
-            with Orchestrator(sagas=[Flaky], database=shared_url, settings=Settings.defaults()) as client:
+            with Orchestrator(sagas=[Flaky], database=durable_url, settings=Settings.defaults()) as client:
                 started = time.monotonic()
                 saga_id = client.start(Flaky, {"n": 1})
                 status = client.wait(saga_id, timeout=10)
@@ -224,3 +216,32 @@ def test_a_timed_out_thread_never_overlaps_the_retry_of_its_step() -> None:
     assert status.state is SagaState.COMPLETED
     assert Sleepy.attempts == [1, 2]
     assert Sleepy.peak == 1
+
+
+def test_logs_say_how_bad_each_outcome_is(database_url: str) -> None:
+    """A retried attempt logs a warning, the final failure an error with its traceback, each saga's end
+    one info line; no line carries ``error=None``."""
+    from structlog.testing import capture_logs
+
+    from orchestrator import RetryPolicy
+
+    class Boom(Saga[Item]):
+        @step(retry=RetryPolicy(max_attempts=2, initial_interval=0.01, max_interval=0.01))
+        def explode(self, item: Item) -> None:
+            if item.n:
+                raise RuntimeError("kaboom")
+
+    with Orchestrator(sagas=[Boom], database=database_url) as orch, capture_logs() as logs:
+        ok, bad = orch.start(Boom, {"n": 0}), orch.start(Boom, {"n": 1})
+        drain(orch, ok, bad)
+        failed = next(e for e in orch.history(bad) if e.type == "StepFailed")
+    retried = [line for line in logs if line["event"] == "step attempt failed; retrying later"]
+    final = [line for line in logs if line["event"] == "step failed for good"]
+    ends = [(line["event"], line["saga_id"]) for line in logs if line["event"].startswith("saga ")]
+    assert [(line["log_level"], line["error"]) for line in retried] == [("warning", "RuntimeError: kaboom")]
+    assert [line["log_level"] for line in final] == ["error"]
+    assert isinstance(final[0]["exc_info"], RuntimeError)
+    assert sorted(ends) == sorted([("saga completed", ok), ("saga compensated", bad)])
+    assert all(line.get("error", "") is not None for line in logs)
+    assert "Traceback" in failed.data["traceback"]
+    assert "kaboom" in failed.data["traceback"]
