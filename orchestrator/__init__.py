@@ -1,6 +1,6 @@
 """sagaworks: durable sagas for Python, built on event sourcing."""
 
-from orchestrator.app import Orchestrator
+from orchestrator.client import Orchestrator
 from orchestrator.definition import Saga, step, wait_for
 from orchestrator.errors import (
     ConfigurationError,
@@ -11,12 +11,15 @@ from orchestrator.errors import (
     OrchestratorError,
     SagaAlreadyStarted,
     SagaNotFound,
+    StorageError,
+    StorageUnavailable,
     UnexpectedEvent,
     UnknownSaga,
 )
+from orchestrator.readmodels import HistoryEvent, SagaStatus, StepStatus
 from orchestrator.retry import RetryPolicy
 from orchestrator.settings import Settings
-from orchestrator.status import HistoryEvent, SagaState, SagaStatus, StepState, StepStatus
+from orchestrator.states import SagaState, StepState
 
 __all__ = [
     "ConfigurationError",
@@ -36,6 +39,8 @@ __all__ = [
     "Settings",
     "StepState",
     "StepStatus",
+    "StorageError",
+    "StorageUnavailable",
     "UnexpectedEvent",
     "UnknownSaga",
     "step",

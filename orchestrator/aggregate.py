@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
-from uuid import NAMESPACE_URL, UUID, uuid5
+from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
 
 from eventsourcing.domain import BaseAggregate
 from eventsourcing.utils import register_topic
+from pydantic import BaseModel
 
 from orchestrator import events as ev
-from orchestrator.definition import Saga, StepDef
+from orchestrator.definition import Saga
+from orchestrator.errors import InvalidInput
 from orchestrator.machine import (
     Finish,
     LeaseExpired,
-    PlanNode,
     Run,
     SagaRun,
     Sleep,
@@ -24,8 +25,10 @@ from orchestrator.machine import (
     TimeOut,
     next_action,
 )
+from orchestrator.registry import plan_of, validate_input
 from orchestrator.retry import RetryPolicy
-from orchestrator.status import SagaState
+from orchestrator.safety import check_saga_id, short
+from orchestrator.states import SagaState
 
 TOPIC = "sagaworks.Saga"
 JITTER = random.Random()
@@ -35,30 +38,6 @@ JITTER = random.Random()
 def aggregate_id(saga_id: str) -> UUID:
     """The aggregate id of a saga id: deterministic, so a repeated start collides."""
     return uuid5(NAMESPACE_URL, f"sagaworks:saga:{saga_id}")
-
-
-def plan_of(saga: type[Saga[Any]]) -> list[PlanNode]:
-    """The plan recorded in ``SagaStarted``: the saga's nodes in declaration order."""
-    plan: list[PlanNode] = []
-    for node in saga.nodes:
-        if isinstance(node, StepDef):
-            compensation = node.compensation
-            plan.append(
-                PlanNode(
-                    name=node.name,
-                    max_attempts=node.retry.max_attempts,
-                    timeout=node.timeout,
-                    compensable=compensation is not None,
-                    compensation_max_attempts=compensation.retry.max_attempts if compensation else 1,
-                )
-            )
-        else:
-            plan.append(
-                PlanNode(
-                    name=node.name, kind="wait", event=node.event, timeout=node.timeout, on_timeout=node.on_timeout
-                )
-            )
-    return plan
 
 
 @dataclass(frozen=True)
@@ -117,6 +96,22 @@ class SagaAggregate(BaseAggregate[UUID]):
         assert isinstance(aggregate, SagaAggregate)
         aggregate.pending_events.append(event)
         return aggregate
+
+    @classmethod
+    def begin(
+        cls,
+        saga: type[Saga[Any]],
+        data: BaseModel | dict[str, Any],
+        saga_id: str | None,
+        start_at: datetime | None,
+        max_bytes: int,
+    ) -> SagaAggregate:
+        """A new saga of a registered class, its ``SagaStarted`` pending, once its input and id pass."""
+        saga_id = uuid4().hex if saga_id is None else check_saga_id(saga_id)
+        payload = validate_input(saga, data, max_bytes)
+        if start_at is not None and (not isinstance(start_at, datetime) or start_at.utcoffset() is None):
+            raise InvalidInput(f"start_at must be a timezone-aware datetime, not {short(start_at)}")
+        return cls.start(saga, saga_id, payload, datetime.now(UTC), start_at)
 
     def __init__(self) -> None:
         """Aggregates are made by ``start`` or replay, never directly."""
@@ -268,13 +263,3 @@ class SagaAggregate(BaseAggregate[UUID]):
 
 
 register_topic(TOPIC, SagaAggregate)
-
-
-def policies_of(saga: type[Saga[Any]]) -> dict[tuple[str, str], RetryPolicy]:
-    """The retry policy of every step and compensation, keyed by (kind, name)."""
-    policies: dict[tuple[str, str], RetryPolicy] = {}
-    for node in saga.steps():
-        policies[("step", node.name)] = node.retry
-        if node.compensation is not None:
-            policies[("compensation", node.name)] = node.compensation.retry
-    return policies

@@ -10,10 +10,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-import orjson
 from pydantic import BaseModel, ConfigDict
 
-from orchestrator.status import SagaState, SagaStatus, StepState
+from orchestrator.states import SagaState, StepState
 
 Kind = Literal["step", "compensation"]
 
@@ -83,12 +82,14 @@ class SagaRun:
     cause: str | None = None
     """Why the saga turned back (kept when a retried compensation clears ``error``)."""
 
+    by_name: dict[str, NodeRun] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.by_name = {node.plan.name: node for node in self.nodes}
+
     def node(self, name: str) -> NodeRun:
-        """The node called ``name``."""
-        for node in self.nodes:
-            if node.plan.name == name:
-                return node
-        raise KeyError(name)
+        """The node called ``name`` (``KeyError`` if the plan has none)."""
+        return self.by_name[name]
 
     def pass_received_waits(self) -> None:
         """Move the cursor past waits whose event arrived early."""
@@ -121,6 +122,19 @@ class SagaRun:
             return False
         return any(node.plan.event == event for node in self.nodes[self.cursor :])
 
+    def refusal(self, event: str) -> str | None:
+        """Why ``send(event)`` is not welcome now (``None``: it is), to follow "saga <id> ..."."""
+        if self.expects(event):
+            return None
+        if self.state.terminal:
+            return f"is {self.state.value}: it takes no more events"
+        if event in self.received:
+            return f"already received {event!r}"
+        if self.compensating:
+            return f"is compensating: it no longer waits for {event!r}"
+        waits = [node.plan.event for node in self.nodes[self.cursor :] if node.plan.event]
+        return f"does not wait for {event!r} (it still waits for: {', '.join(waits) or 'nothing'})"
+
     def current_step(self) -> str | None:
         """The node in progress or next in line, if any."""
         if self.in_flight is not None:
@@ -131,39 +145,6 @@ class SagaRun:
             node = self.next_compensation()
             return node.plan.name if node else None
         return self.nodes[self.cursor].plan.name if self.cursor < len(self.nodes) else None
-
-    def status_json(self) -> bytes:
-        """The status document, built with orjson rather than through pydantic: this runs on every save."""
-        return orjson.dumps(
-            {
-                "saga_id": self.saga_id,
-                "saga": self.saga,
-                "version": self.version,
-                "state": self.state.value,
-                "current_step": self.current_step(),
-                "steps": [
-                    {
-                        "name": node.plan.name,
-                        "state": node.state.value,
-                        "attempts": node.attempts,
-                        "last_error": node.last_error,
-                        "kind": node.plan.kind,
-                        "compensation_attempts": node.compensation_attempts,
-                    }
-                    for node in self.nodes
-                ],
-                "result": self.results,
-                "error": self.error,
-                "created_at": self.created_at,
-                "updated_at": self.updated_at,
-                "due_at": self.due_at,
-                "waiting_for": self.waiting_for,
-            }
-        )
-
-    def to_status(self) -> SagaStatus:
-        """The caller's view of this state (the document the status table stores)."""
-        return SagaStatus.model_validate_json(self.status_json())
 
 
 # The actions a worker obeys.

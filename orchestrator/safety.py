@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import orjson
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from orchestrator.errors import InvalidInput
 
@@ -29,6 +29,8 @@ MAX_REASON_LENGTH = 2000
 MAX_ERROR_LENGTH = 2000
 """Longest error text recorded for an attempt."""
 _INT_RANGE = (-(2**63), 2**64 - 1)  # what orjson encodes
+JSON_OBJECT: TypeAdapter[dict[str, Any]] = TypeAdapter(dict[str, Any])
+"""Dumps a dict of JSON-compatible values (event payloads, emitted events) to plain JSON data."""
 
 
 def unstorable(value: Any, path: str = "") -> str | None:
@@ -141,6 +143,32 @@ def escape(text: str, *, newlines: bool = False) -> str:
     if not newlines:
         text = text.replace("\n", "\\n").replace("\t", "\\t")
     return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (pydantic's span several), storable and cut to a readable length."""
+    text = clean_error(" ".join(str(error).split()))
+    return text if len(text) <= 500 else text[:499] + "…"
+
+
+def event_payload(data: Any, max_bytes: int) -> dict[str, Any]:
+    """The JSON-native payload of an event sent to a saga (a dict or a model; ``None`` is empty)."""
+    if data is None:
+        return {}
+    if not isinstance(data, BaseModel | dict):
+        raise InvalidInput(f"event data is a dict or a pydantic model, not {short(data)}")
+    if reason := unstorable(data):
+        raise InvalidInput(f"event data cannot be stored: {reason}")
+    try:
+        dumped: dict[str, Any] = (
+            data.model_dump(mode="json") if isinstance(data, BaseModel) else JSON_OBJECT.dump_python(data, mode="json")
+        )
+    except Exception as error:
+        raise InvalidInput(f"event data must be JSON-compatible: {one_line(error)}") from None
+    if reason := unstorable(dumped):
+        raise InvalidInput(f"event data cannot be stored: {reason}")
+    encode(dumped, "the event data", max_bytes)
+    return dumped
 
 
 def short(value: Any, limit: int = 60) -> str:

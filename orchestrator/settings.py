@@ -9,7 +9,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from orchestrator.errors import ConfigurationError
 from orchestrator.safety import escape, short
-from orchestrator.store import DEFAULT_DATABASE_URL
+from orchestrator.storage.urls import DEFAULT_DATABASE_URL
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error", "critical")

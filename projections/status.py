@@ -15,7 +15,8 @@ from uuid import UUID
 
 import structlog
 
-from orchestrator.app import Orchestrator, index_entry
+from orchestrator import Orchestrator
+from orchestrator.readmodels.status import index_entry
 
 log = structlog.get_logger("sagaworks.projections")
 
@@ -59,7 +60,7 @@ class StatusProjection:
         """
         log.info(
             "status projection runner started",
-            position=self.orch.store.index.status_position(),
+            position=self.orch.repository.index.status_position(),
             head=self.orch.store.recorder.max_notification_id(),
             poll_interval=poll_interval,
         )
@@ -87,7 +88,7 @@ class StatusProjection:
             if not page:
                 break
             ids: dict[UUID, None] = dict.fromkeys(UUID(str(n.originator_id)) for n in page)
-            aggregates, broken = self.orch.fold_each(store.index.select_events_many(list(ids)))
+            aggregates, broken = self.orch.repository.load_many(list(ids))
             for uuid, (_, problem) in broken.items():  # its row keeps what it was; workers set it aside
                 log.error("saga skipped by the status projection", saga_uuid=str(uuid), problem=problem)
             entries = [index_entry(aggregate) for aggregate in aggregates.values()]

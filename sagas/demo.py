@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from orchestrator import Orchestrator, SagaState, SagaStatus
+from orchestrator.cli.console import status_table
 from orchestrator.worker import Worker
 from sagas import CATALOGUE
 from sagas.services import SERVICES, Faults
@@ -52,8 +53,6 @@ def demo_inputs(count: int) -> list[tuple[str, dict[str, Any]]]:
 
 def run_demo(database: str | None, count: int) -> list[SagaStatus]:
     """Start ``count`` sagas, run a worker until all finish, print progress and a final table."""
-    from orchestrator.cli import status_table
-
     SERVICES.reset(
         hotel=Faults(transient_rate=0.3, seed=7),
         car=Faults(transient_failures=2),

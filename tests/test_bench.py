@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from benchmarks.bench import REQUIRED_KEYS, summarise
-from benchmarks.phases import percentile
+from orchestrator.bench.bench import REQUIRED_KEYS, summarise
+from orchestrator.bench.phases import percentile
 from orchestrator.cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -490,3 +490,15 @@ def test_resolve_on_a_saga_that_is_not_failed_is_refused(run: CliRunner) -> None
     assert line == "error: saga 'r-1' is pending; only a failed compensation can be resolved"
     last = json.loads(run.invoke(cli, ["history", "r-1"]).stdout.splitlines()[-1])
     assert last["type"] == "SagaStarted"  # nothing was recorded
+
+
+@pytest.mark.parametrize("args", [["worker", "--drain"], ["list"], ["status", "x"], ["projections", "rebuild"]])
+def test_commands_need_an_app_and_say_how_to_give_one(
+    run: CliRunner, monkeypatch: pytest.MonkeyPatch, args: list[str]
+) -> None:
+    """Without --app or SAGA_APP a command refuses with a hint, instead of running the demo catalogue."""
+    monkeypatch.delenv("SAGA_APP")
+    result = run.invoke(cli, args)
+    assert result.exit_code == 2
+    assert "needs --app module:attribute" in result.output
+    assert "sagas:app" in result.output

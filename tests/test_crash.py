@@ -148,7 +148,7 @@ def test_worker_process_beside_poison_sagas_completes_the_rest_and_stops_on_sigt
     with Orchestrator(sagas=[Pick], database=durable_url, settings=Settings.defaults()) as orch:
         good = [orch.start(Pick, {"name": f"g{i}"}, saga_id=f"good-{i}") for i in range(6)]
         orch.start(Pick, {"output": "nul"}, saga_id="unstorable-output")
-        orch.save([SagaAggregate.start(Pick, "stale-input", {"name": 42}, datetime.now(UTC), None)])
+        orch.repository.save([SagaAggregate.start(Pick, "stale-input", {"name": 42}, datetime.now(UTC), None)])
         orch.start(Pick, {}, saga_id="broken-history")
         corrupt_first_event(orch, "broken-history")
     env = {

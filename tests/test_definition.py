@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from orchestrator.aggregate import plan_of
 from orchestrator.definition import Compensation, Saga, StepDef, WaitDef, step, wait_for
 from orchestrator.errors import DefinitionError
+from orchestrator.registry import plan_of
 from orchestrator.retry import RetryPolicy
 
 

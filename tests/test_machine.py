@@ -19,12 +19,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
+from orchestrator import SagaState, SagaStatus, StepState
 from orchestrator import events as ev
-from orchestrator.aggregate import Outcome, SagaAggregate, Work, policies_of
+from orchestrator.aggregate import Outcome, SagaAggregate, Work
 from orchestrator.definition import Saga, StepDef, WaitDef, step, wait_for
 from orchestrator.machine import Finish, Run, SagaRun, Sleep, StartWait, next_action
+from orchestrator.readmodels.status import status_document, status_of
+from orchestrator.registry import policies_of
 from orchestrator.retry import RetryPolicy
-from orchestrator.status import SagaState, SagaStatus, StepState
 
 LEASE = 30.0
 T0 = datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
@@ -436,8 +438,8 @@ def check_replay(trace: Trace) -> None:
             check_pure(replayed.run, event.timestamp + timedelta(seconds=offset))
     assert replayed is not None
     assert replayed.run == trace.aggregate.run
-    assert replayed.run.to_status() == trace.aggregate.run.to_status()
-    assert SagaStatus.model_validate_json(replayed.run.status_json()) == replayed.run.to_status()
+    assert status_of(replayed.run) == status_of(trace.aggregate.run)
+    assert SagaStatus.model_validate_json(status_document(replayed.run)) == status_of(replayed.run)
     assert replayed.version == trace.aggregate.version == len(trace.events)
 
 
@@ -555,7 +557,7 @@ def test_first_step_failing_for_good_leaves_nothing_to_undo() -> None:
     assert aggregate.record_outcome(work, Outcome(error="NonRetryable: sold out", retryable=False), T0, FULFIL)
     assert aggregate.advance(T0, "w", LEASE, FULFIL) is None
     assert state(aggregate) is SagaState.COMPENSATED
-    states = [step.state for step in aggregate.run.to_status().steps]
+    states = [step.state for step in status_of(aggregate.run).steps]
     assert states == [StepState.FAILED, StepState.PENDING, StepState.PENDING]
     assert "CompensationStarted" not in names(aggregate)
 
@@ -657,7 +659,7 @@ def test_compensations_run_in_reverse_and_end_compensated() -> None:
     assert succeed(aggregate, T0, FULFIL).name == "reserve"
     assert aggregate.advance(T0, "w", LEASE, FULFIL) is None
     assert state(aggregate) is SagaState.COMPENSATED
-    states = [step.state for step in aggregate.run.to_status().steps]
+    states = [step.state for step in status_of(aggregate.run).steps]
     assert states == [StepState.COMPENSATED, StepState.COMPENSATED, StepState.FAILED]
 
 

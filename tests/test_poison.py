@@ -88,7 +88,7 @@ def test_stored_input_that_no_longer_validates_fails_its_saga_only(database_url:
     with Orchestrator(sagas=[Pick], database=database_url) as orch:
         good = start_good(orch, "stale")
         # What an older version of the code may have stored: a name that is not a string.
-        orch.save([SagaAggregate.start(Pick, "stale-input", {"name": 42}, datetime.now(UTC), None)])
+        orch.repository.save([SagaAggregate.start(Pick, "stale-input", {"name": 42}, datetime.now(UTC), None)])
         drain(orch, *good, "stale-input")
         assert_completed_once(orch, good)
         status = orch.status("stale-input")

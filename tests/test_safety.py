@@ -20,7 +20,7 @@ from orchestrator import (
     wait_for,
 )
 from orchestrator.safety import check_saga_id, clean_error, escape, redact, short, unstorable
-from orchestrator.store import parse_database_url
+from orchestrator.storage import parse_database_url
 
 
 class Inner(BaseModel):

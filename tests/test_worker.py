@@ -50,7 +50,7 @@ def test_conflict_in_a_batch_is_redone_for_each_saga_alone(database_url: str, mo
     """A batch save that conflicts (a saga was cancelled meanwhile) is redone saga by saga, nothing twice."""
     with Orchestrator(sagas=[Flaky], database=database_url) as orch:
         ids = [orch.start(Flaky, {"n": n + 10}) for n in range(5)]
-        original = orch.save
+        original = orch.repository.save
         interfered: list[str] = []
 
         def save(aggregates: list[Any], **options: Any) -> None:
@@ -59,7 +59,7 @@ def test_conflict_in_a_batch_is_redone_for_each_saga_alone(database_url: str, mo
                 orch.cancel(ids[2], "operator")  # lands first: this batch now holds a stale saga
             original(aggregates, **options)
 
-        monkeypatch.setattr(orch, "save", save)
+        monkeypatch.setattr(orch.repository, "save", save)
         statuses = drain(orch, *ids)
         histories = [orch.history(saga_id) for saga_id in ids]
     assert interfered == [ids[2]]
@@ -144,7 +144,7 @@ def test_a_save_that_landed_but_reported_a_conflict_still_runs_its_step(
     Once.runs = []
     with Orchestrator(sagas=[Once], database=database_url) as orch:
         saga_id = orch.start(Once, {"n": 1})
-        original = orch.save
+        original = orch.repository.save
         lost: list[int] = []
 
         def save(aggregates: list[Any], **options: Any) -> None:
@@ -153,7 +153,7 @@ def test_a_save_that_landed_but_reported_a_conflict_still_runs_its_step(
                 lost.append(1)
                 raise IntegrityError("duplicate key (the library's retry after a lost acknowledgement)")
 
-        monkeypatch.setattr(orch, "save", save)
+        monkeypatch.setattr(orch.repository, "save", save)
         (status,) = drain(orch, saga_id)
         history = orch.history(saga_id)
     assert lost == [1]
@@ -167,7 +167,7 @@ def test_a_storage_error_keeps_finished_outcomes_for_the_next_round(monkeypatch:
     Once.runs = []
     with Orchestrator(sagas=[Once], database="memory://") as orch:
         ids = [orch.start(Once, {"n": n}) for n in range(3)]
-        original = orch.save
+        original = orch.repository.save
         calls: list[int] = []
 
         def save(aggregates: list[Any], **options: Any) -> None:
@@ -176,7 +176,7 @@ def test_a_storage_error_keeps_finished_outcomes_for_the_next_round(monkeypatch:
                 raise OperationalError("canceling statement due to lock timeout")
             original(aggregates, **options)
 
-        monkeypatch.setattr(orch, "save", save)
+        monkeypatch.setattr(orch.repository, "save", save)
         statuses = drain(orch, *ids)
     assert [s.state for s in statuses] == [SagaState.COMPLETED] * 3
     assert sorted(Once.runs) == sorted([("charge", 1), ("ship", 1)] * 3)

@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 
 from orchestrator import InvalidInput, Orchestrator, RetryPolicy, Saga, SagaState, Settings, step, wait_for
 from orchestrator.aggregate import SagaAggregate, aggregate_id
-from orchestrator.store import is_transient
+from orchestrator.storage import is_transient
 from orchestrator.worker import Worker
 from tests.conftest import drain
 from tests.poison_app import Pick
@@ -38,7 +38,7 @@ def test_an_outcome_save_that_landed_but_reported_an_error_runs_the_next_step(
     settings = Settings.defaults().model_copy(update={"lease_seconds": 2.0})
     with Orchestrator(sagas=[Once], database=database_url, settings=settings) as orch:
         saga_id = orch.start(Once, {"n": 1})
-        original, saves = orch.save, [0]
+        original, saves = orch.repository.save, [0]
 
         def save(aggregates: list[Any], **options: Any) -> None:
             original(aggregates, **options)
@@ -46,7 +46,7 @@ def test_an_outcome_save_that_landed_but_reported_an_error_runs_the_next_step(
             if saves[0] == which:
                 raise error
 
-        monkeypatch.setattr(orch, "save", save)
+        monkeypatch.setattr(orch.repository, "save", save)
         (status,) = drain(orch, saga_id)
         history = orch.history(saga_id)
     assert status.state is SagaState.COMPLETED
@@ -114,16 +114,16 @@ def test_a_saga_set_aside_while_its_attempt_runs_gets_no_second_attempt_beside_i
 ) -> None:
     """Set aside from the renewal path mid-attempt, a saga is not claimed and run again while the first
     attempt's thread still runs."""
-    import orchestrator.memory
+    import orchestrator.storage.memory
 
-    monkeypatch.setattr(orchestrator.memory, "set_aside_delay", lambda failures: timedelta(seconds=0.2))
+    monkeypatch.setattr(orchestrator.storage.memory, "set_aside_delay", lambda failures: timedelta(seconds=0.2))
     Slow.attempts, Slow.peak, Slow.live = [], 0, 0
     settings = Settings.defaults().model_copy(update={"lease_seconds": 0.6})
     with Orchestrator(sagas=[Slow], database="memory://", settings=settings) as orch:
         saga_id = orch.start(Slow, {})
         uuid = aggregate_id(saga_id)
         worker = Worker(orch, poll_interval=0.02)
-        real = orch.fold_each
+        real = orch.repository.fold_each
         trap = {"armed": False, "sprung": False}
 
         def fold_each(records: Any) -> Any:
@@ -135,14 +135,14 @@ def test_a_saga_set_aside_while_its_attempt_runs_gets_no_second_attempt_beside_i
                 broken[uuid] = (records[-1].originator_version, "its history cannot be loaded: simulated")
             return loaded, broken
 
-        monkeypatch.setattr(orch, "fold_each", fold_each)
+        monkeypatch.setattr(orch.repository, "fold_each", fold_each)
         thread = threading.Thread(target=worker.run, kwargs={"drain": False})
         thread.start()
         try:
             while not Slow.attempts:
                 time.sleep(0.01)
-            trap["armed"] = True
             orch.send(saga_id, "go")  # the next renewal conflicts; its reload is the one that breaks
+            trap["armed"] = True
             time.sleep(3)
         finally:
             worker.stop()

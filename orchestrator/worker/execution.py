@@ -1,4 +1,5 @@
-"""Runs attempts concurrently: ``def`` steps on a thread pool, ``async def`` steps on one event loop."""
+"""One attempt to an ``Outcome``: ``StepRunner`` runs attempts concurrently (``def`` steps on a
+thread pool, ``async def`` steps on one event loop) and turns whatever they do into an outcome."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import threading
 import traceback
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
-from orchestrator.aggregate import Outcome
-from orchestrator.safety import clean_error
+from orchestrator.aggregate import Outcome, Work
+from orchestrator.definition import StepContext, StepDef
+from orchestrator.safety import clean_error, encode, one_line, unstorable
 
 OnSuccess = Callable[[Any], Outcome]
 GivesUp = Callable[[BaseException], bool]
@@ -44,6 +47,44 @@ def clean_error_text(text: str) -> str:
     return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def serialise(node: StepDef, work: Work, value: Any, context: StepContext, max_bytes: int) -> Outcome:
+    """The outcome of an attempt that returned ``value``: its output as it will be stored, or a
+    non-retryable failure saying why it cannot be (running the step again would not help)."""
+    if work.kind == "compensation":
+        return Outcome()
+    try:
+        valid = node.output.validate_python(value)
+    except Exception as error:
+        return Outcome(error=f"step returned an invalid output: {one_line(error)}", retryable=False)
+    reason = unstorable(valid, "output")
+    try:
+        result = node.output.dump_python(valid, mode="json")
+        reason = reason or unstorable(result, "output")  # what serialisers made of it (enums, keys)
+        if reason is None:
+            encode(result, "the output", max_bytes)
+        for emitted in context.emitted:
+            reason = reason or unstorable(emitted["name"], "an emitted event's name")
+            reason = reason or unstorable(emitted["data"], f"emitted event {emitted['name']!r}")
+            if reason is None:
+                encode(emitted["data"], f"emitted event {emitted['name']!r}", max_bytes)
+    except Exception as error:
+        reason = reason or describe(error)
+    if reason is not None:
+        return Outcome(error=f"step returned an output that cannot be stored: {reason}", retryable=False)
+    return Outcome(result=result, emitted=list(context.emitted))
+
+
+@dataclass(frozen=True)
+class Call:
+    """One attempt to run: the function and its arguments, the log context, how to read its result."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    context: dict[str, Any]
+    on_success: OnSuccess
+    gives_up: GivesUp
+
+
 class StepRunner:
     """Executes attempts and turns whatever they do into an ``Outcome``; never raises."""
 
@@ -62,39 +103,28 @@ class StepRunner:
         gives_up: GivesUp,
     ) -> Future[Outcome]:
         """Start ``fn(*args)``; the future resolves to its outcome."""
+        call = Call(fn, args, context, on_success, gives_up)
         if inspect.iscoroutinefunction(fn):
-            return asyncio.run_coroutine_threadsafe(self._run_async(fn, args, context, on_success, gives_up), self.loop)
-        return self.pool.submit(self._run_sync, fn, args, context, on_success, gives_up)
+            return asyncio.run_coroutine_threadsafe(self._run_async(call), self.loop)
+        return self.pool.submit(self._run_sync, call)
 
     @staticmethod
-    def _run_sync(
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        context: dict[str, Any],
-        on_success: OnSuccess,
-        gives_up: GivesUp,
-    ) -> Outcome:
-        with structlog.contextvars.bound_contextvars(**context):
+    def _run_sync(call: Call) -> Outcome:
+        with structlog.contextvars.bound_contextvars(**call.context):
             try:
-                return on_success(fn(*args))
+                return call.on_success(call.fn(*call.args))
             except BaseException as error:  # SystemExit in a step fails the attempt, not the worker
-                return failure(error, gives_up)
+                return failure(error, call.gives_up)
 
     @staticmethod
-    async def _run_async(
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        context: dict[str, Any],
-        on_success: OnSuccess,
-        gives_up: GivesUp,
-    ) -> Outcome:
-        with structlog.contextvars.bound_contextvars(**context):
+    async def _run_async(call: Call) -> Outcome:
+        with structlog.contextvars.bound_contextvars(**call.context):
             try:
-                return on_success(await fn(*args))
+                return call.on_success(await call.fn(*call.args))
             except asyncio.CancelledError:
                 raise  # the worker cancelled it (timeout); the outcome is already recorded
             except BaseException as error:
-                return failure(error, gives_up)
+                return failure(error, call.gives_up)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:

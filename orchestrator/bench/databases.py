@@ -20,7 +20,8 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from orchestrator import ConfigurationError, Orchestrator
-from orchestrator.store import parse_database_url, redact
+from orchestrator.safety import redact
+from orchestrator.storage import parse_database_url
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 BACKENDS = ("sqlite", "postgres", "memory")
@@ -104,7 +105,7 @@ def insert_commit_rate(url: str, connections: int, seconds: float) -> float | No
         return None
     name = f"saga_bench_limit_{uuid.uuid4().hex[:8]}"
     if db.is_postgres:
-        from orchestrator.postgres import connect
+        from orchestrator.storage.postgres import connect
 
         table = f'"{db.env.get("POSTGRES_SCHEMA", "public")}"."{name}"'
         return _commit_rate(

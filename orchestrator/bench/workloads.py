@@ -1,6 +1,6 @@
 """The sagas that ``saga bench`` runs, and the orchestrator its worker subprocesses load.
 
-Worker processes run ``saga worker --app benchmarks.workloads:worker_app``: the same
+Worker processes run ``saga worker --app orchestrator.bench.workloads:worker_app``: the same
 orchestrator as ``app()``, with logging narrowed so that the worker's closing "worker
 stopped" line (its transaction counters and peak RSS) reaches the bench even at
 ``--log-level warning``, while the per-attempt lines cost next to nothing.

@@ -15,13 +15,11 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any, Protocol
 
 from orchestrator import Orchestrator
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-WORKER_APP = "benchmarks.workloads:worker_app"
+WORKER_APP = "orchestrator.bench.workloads:worker_app"
 COUNTERS = ("claims", "saves", "releases", "attempts", "conflicts")
 
 
@@ -54,7 +52,6 @@ class WorkerProcess:
     """One ``saga worker`` subprocess whose stderr is read by a thread."""
 
     def __init__(self, database_url: str, env: dict[str, str]) -> None:
-        pythonpath = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -67,7 +64,7 @@ class WorkerProcess:
                 "--app",
                 WORKER_APP,
             ],
-            env={**os.environ, **env, "SAGA_DATABASE_URL": database_url, "PYTHONPATH": pythonpath},
+            env={**os.environ, **env, "SAGA_DATABASE_URL": database_url},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

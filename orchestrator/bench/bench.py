@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from benchmarks import phases
-from benchmarks.databases import analyze_status, fresh_database, insert_commit_rate
-from benchmarks.phases import Say, max_event, percentile
-from benchmarks.workers import ThreadWorker, WorkerProcesses, Workers
-from benchmarks.workloads import WORKLOADS, app
 from orchestrator import ConfigurationError, Orchestrator, Settings
+from orchestrator.bench import phases
+from orchestrator.bench.databases import analyze_status, fresh_database, insert_commit_rate
+from orchestrator.bench.phases import Say, max_event, percentile
+from orchestrator.bench.workers import ThreadWorker, WorkerProcesses, Workers
+from orchestrator.bench.workloads import WORKLOADS, app
 
 WORKLOAD_NAMES = (*WORKLOADS, "status")
 STATUS_SAGAS = 200_000

@@ -17,9 +17,9 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
-from benchmarks.workers import Workers
-from benchmarks.workloads import BENCH_SAGAS, GO, Workload, app
 from orchestrator import Orchestrator, SagaState, SagaStatus, UnexpectedEvent
+from orchestrator.bench.workers import Workers
+from orchestrator.bench.workloads import BENCH_SAGAS, GO, Workload, app
 
 Say = Callable[[str], None]
 NOT_TERMINAL = [state for state in SagaState if not state.terminal]

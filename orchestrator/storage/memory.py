@@ -10,10 +10,10 @@ from uuid import UUID
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.popo import POPOApplicationRecorder
 
-from orchestrator.store import Claim, IndexEntry, Waker, set_aside_delay, with_problem
+from orchestrator.storage.ports import Claim, IndexEntry, SagaIndex, Waker, set_aside_delay, with_problem
 
 
-class MemoryRecorder(POPOApplicationRecorder):
+class MemoryRecorder(SagaIndex, POPOApplicationRecorder):
     """POPO recorder that keeps the work and status tables in dicts, under the store's lock."""
 
     def __init__(self) -> None:
@@ -56,12 +56,6 @@ class MemoryRecorder(POPOApplicationRecorder):
                 row[2], row[3] = owner, lease_until
                 claims.append(Claim(uuid, row[1]))
             return claims
-
-    def claim_loaded(
-        self, owner: str, now: datetime, lease_until: datetime, limit: int
-    ) -> tuple[list[Claim], list[StoredEvent]]:
-        claims = self.claim(owner, now, lease_until, limit)
-        return claims, self.select_events_many([claim.saga_uuid for claim in claims])
 
     def release(self, saga_uuid: UUID, version: int, due_at: datetime | None) -> None:
         with self._database_lock:

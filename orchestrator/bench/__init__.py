@@ -8,6 +8,6 @@ last one JSON line. ``workloads`` holds the sagas (and ``app`` for the worker pr
 probes their commit rate, ``bench`` puts a run together.
 """
 
-from benchmarks.bench import REQUIRED_KEYS, BenchOptions, json_line, run_bench
+from orchestrator.bench.bench import REQUIRED_KEYS, BenchOptions, json_line, run_bench
 
 __all__ = ["REQUIRED_KEYS", "BenchOptions", "json_line", "run_bench"]

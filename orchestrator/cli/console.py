@@ -1,0 +1,81 @@
+"""What the CLI prints and reads: escaped text, JSON lines, the saga table, JSON arguments."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from orchestrator.readmodels.status import SagaStatus
+from orchestrator.safety import escape, short
+
+
+def echo(text: str) -> None:
+    """Print ``text`` with its control characters escaped (ids and errors come from anyone)."""
+    click.echo(escape(text))
+
+
+_JSON_UNSAFE = re.compile(r"[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def echo_json(text: str) -> None:
+    """Print a JSON document; characters a terminal would act on are written as ``\\uXXXX``."""
+    click.echo(_JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text))
+
+
+def read_json_argument(text: str | None, what: str) -> dict[str, Any]:
+    """A JSON object given inline, as ``@path`` (a file) or as ``-`` (standard input)."""
+    if text is None:
+        return {}
+    if text == "-":
+        text = sys.stdin.read()
+    elif text.startswith("@"):
+        try:
+            text = Path(text[1:]).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise click.BadParameter(f"cannot read {short(text[1:])}: {error}", param_hint=what) from error
+    return parse_json(text, what)
+
+
+def parse_json(text: str | None, what: str) -> dict[str, Any]:
+    """A JSON object from the command line."""
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise click.BadParameter(f"not valid JSON: {error}", param_hint=what) from error
+    if not isinstance(value, dict):
+        raise click.BadParameter("must be a JSON object", param_hint=what)
+    return value
+
+
+def status_table(statuses: Sequence[SagaStatus]) -> str:
+    """A plain-text table of sagas, one line each."""
+    rows = [("SAGA ID", "SAGA", "STATE", "STEP", "ATTEMPTS", "UPDATED", "ERROR")]
+    for s in statuses:
+        rows.append(
+            (
+                _cell(s.saga_id, 60),
+                _cell(s.saga, 40),
+                s.state.value,
+                _cell(s.current_step or "-", 40),
+                str(sum(step.attempts + step.compensation_attempts for step in s.steps)),
+                s.updated_at.strftime("%H:%M:%S"),
+                _cell(s.problem or s.error or "", 90),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1] for row in rows
+    ).rstrip()
+
+
+def _cell(text: str, width: int) -> str:
+    text = escape(text)
+    return text if len(text) <= width else text[: width - 1] + "…"

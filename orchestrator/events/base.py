@@ -1,0 +1,54 @@
+"""The base of every saga event: its place in the fold, its stored topic, the step it is about."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, ClassVar
+from uuid import UUID
+
+from eventsourcing.domain import CanMutateAggregate
+from eventsourcing.utils import register_topic
+from pydantic import BaseModel, ConfigDict
+
+from orchestrator.machine import SagaRun
+
+
+class SagaEvent(BaseModel, CanMutateAggregate[UUID]):
+    """Base of every saga event."""
+
+    model_config = ConfigDict(frozen=True)
+    topic: ClassVar[str] = ""
+
+    originator_id: UUID
+    originator_version: int
+    timestamp: datetime
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.topic = f"sagaworks.{cls.__name__}.v1"
+        register_topic(cls.topic, cls)
+
+    def apply(self, aggregate: Any) -> None:
+        run: SagaRun = aggregate.run
+        self.evolve(run)
+        run.version = self.originator_version
+        run.updated_at = self.timestamp
+
+    def evolve(self, run: SagaRun) -> None:
+        """Change ``run`` as this event says."""
+
+    @property
+    def step(self) -> str | None:
+        """The step or wait this event is about, if any."""
+        return None
+
+
+class StepEvent(SagaEvent):
+    """An event about one attempt of a step or a compensation."""
+
+    name: str
+    attempt: int = 0
+
+    @property
+    def step(self) -> str | None:
+        return self.name

@@ -1,0 +1,165 @@
+"""The storage port: what the engine asks of a backend besides storing events.
+
+The index is written in the same transaction as the events (through the recorders' insert
+hook): ``saga_work`` says what is runnable and when (every timer is a ``due_at``),
+``saga_status`` is the status read model, with the tracking position of the last event it
+includes. Each backend's recorder inherits ``SagaIndex``, so mypy checks it implements it.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Protocol
+from uuid import UUID
+
+import orjson
+from eventsourcing.persistence import StoredEvent
+
+APPLICATION_NAME = "orchestrator"
+"""The eventsourcing application's name: its events table, NOTIFY channel and tracking rows."""
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """A saga's rows in the index, derived from its aggregate at ``version``."""
+
+    saga_uuid: UUID
+    saga_id: str
+    saga: str
+    state: str
+    version: int
+    due_at: datetime | None
+    """When the saga next needs a worker; ``None`` removes it from the work table."""
+    created_at: datetime
+    updated_at: datetime
+    doc: bytes
+    """The ``SagaStatus`` as JSON."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A work row leased by a worker: the saga and the version its row was written at."""
+
+    saga_uuid: UUID
+    version: int
+
+
+class Waker(Protocol):
+    """Sets a worker's wake-up event when another process records events."""
+
+    def start(self) -> None:
+        """Start watching in the background."""
+
+    def stop(self) -> None:
+        """Stop watching."""
+
+
+class ThreadWaker:
+    """A ``Waker`` that watches in a daemon thread until stopped; subclasses write ``watch_once``.
+
+    A watch that fails (the connection dropped, the file went away) wakes the worker, so that
+    polling covers the gap, and starts again a second later: it never stops for good.
+    """
+
+    name = "saga-waker"
+    errors: tuple[type[BaseException], ...] = (Exception,)
+    retry_pause = 1.0
+    """Seconds between a failed watch and the next."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self.wake = wake
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.watch, name=self.name, daemon=True)
+
+    def start(self) -> None:
+        """Start watching in the background."""
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Stop watching (the watch loop checks ``stopping`` at least every fraction of a second)."""
+        self.stopping.set()
+        self.thread.join(timeout=5)
+
+    def watch(self) -> None:
+        """Run ``watch_once`` until stopped, again after each failure."""
+        while not self.stopping.is_set():
+            try:
+                self.watch_once()
+            except self.errors:
+                self.wake()
+                self.stopping.wait(self.retry_pause)
+
+    def watch_once(self) -> None:
+        """Call ``self.wake()`` on news until ``self.stopping`` is set or the watch fails."""
+        raise NotImplementedError
+
+
+class SagaIndex(ABC):
+    """The work and status tables of one backend (implemented by its recorder)."""
+
+    @abstractmethod
+    def waker(self, wake: Callable[[], None]) -> Waker | None:
+        """What wakes a worker when another process writes (``None``: only polling can)."""
+
+    @abstractmethod
+    def claim(self, owner: str, now: datetime, lease_until: datetime, limit: int) -> list[Claim]:
+        """Lease up to ``limit`` due, unleased work rows to ``owner``, earliest due first."""
+
+    def claim_loaded(
+        self, owner: str, now: datetime, lease_until: datetime, limit: int
+    ) -> tuple[list[Claim], list[StoredEvent]]:
+        """``claim``, with the claimed sagas' events (a backend may do both in one round trip)."""
+        claims = self.claim(owner, now, lease_until, limit)
+        return claims, self.select_events_many([claim.saga_uuid for claim in claims])
+
+    @abstractmethod
+    def release(self, saga_uuid: UUID, version: int, due_at: datetime | None) -> None:
+        """Drop a lease that led to no event, setting the row's ``due_at`` (``None``: remove it)."""
+
+    @abstractmethod
+    def set_aside(self, saga_uuid: UUID, version: int, problem: str, now: datetime) -> datetime | None:
+        """Rest a claimed saga that cannot be loaded or saved: its row is due again after a growing
+        delay, its status shows ``problem``; ``None`` if the row has moved on meanwhile."""
+
+    @abstractmethod
+    def next_due(self) -> datetime | None:
+        """The earliest time any saga needs a worker."""
+
+    @abstractmethod
+    def get_status(self, saga_uuid: UUID) -> bytes | None:
+        """The status document of a saga, if it was started."""
+
+    @abstractmethod
+    def list_status(self, state: str | None, saga: str | None, limit: int) -> list[bytes]:
+        """Status documents, most recently updated first, filtered by state and saga name."""
+
+    @abstractmethod
+    def select_events_many(self, saga_uuids: list[UUID]) -> list[StoredEvent]:
+        """The stored events of many sagas in one query, ordered by saga then version."""
+
+    @abstractmethod
+    def status_position(self) -> int | None:
+        """The tracking position of the status read model (last notification it includes)."""
+
+    @abstractmethod
+    def write_status(self, entries: list[IndexEntry], position: int | None, *, reset: bool = False) -> None:
+        """Upsert status rows (and the tracking position) outside an event save; ``reset`` empties first.
+
+        A row is never replaced by one of an earlier version (an equal one may be rewritten).
+        """
+
+
+def set_aside_delay(failures: int) -> timedelta:
+    """How long a saga that could not be loaded or saved rests before the next try: 5 s, doubling, up to 1 h."""
+    return timedelta(seconds=min(5.0 * 2 ** min(failures - 1, 20), 3600.0))
+
+
+def with_problem(doc: bytes, problem: str | None) -> bytes:
+    """A status document with the reason its saga is set aside, if it is."""
+    if problem is None:
+        return doc
+    return orjson.dumps({**orjson.loads(doc), "problem": problem})

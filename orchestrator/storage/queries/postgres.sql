@@ -1,0 +1,134 @@
+-- The PostgreSQL dialect of the saga index: named queries (`-- name: ...`), then the migrations
+-- (`-- migration: N`, applied in order under an advisory lock, never edited once shipped).
+-- Parameters are %(named)s; {schema} and {events} are quoted identifiers. Batch writes take
+-- arrays in binary (%b), one statement per table for the whole batch, not one per saga.
+
+-- migration: 1
+CREATE TABLE IF NOT EXISTS {schema}.saga_work (
+    saga_uuid uuid PRIMARY KEY,
+    due_at timestamptz NOT NULL,
+    version integer NOT NULL,
+    lease_owner text,
+    lease_until timestamptz);
+CREATE INDEX IF NOT EXISTS saga_work_due ON {schema}.saga_work (due_at);
+CREATE TABLE IF NOT EXISTS {schema}.saga_status (
+    saga_uuid uuid PRIMARY KEY,
+    saga_id text NOT NULL,
+    saga text NOT NULL,
+    state text NOT NULL,
+    version integer NOT NULL,
+    created_at timestamptz NOT NULL,
+    updated_at timestamptz NOT NULL,
+    doc jsonb NOT NULL);
+CREATE INDEX IF NOT EXISTS saga_status_state ON {schema}.saga_status (state, updated_at DESC);
+CREATE INDEX IF NOT EXISTS saga_status_saga ON {schema}.saga_status (saga, state, updated_at DESC);
+CREATE INDEX IF NOT EXISTS saga_status_updated ON {schema}.saga_status (updated_at DESC);
+CREATE TABLE IF NOT EXISTS {schema}.saga_status_tracking (
+    application_name text PRIMARY KEY,
+    notification_id bigint NOT NULL);
+
+-- migration: 2
+-- Sagas set aside after their history could not be loaded or saved.
+ALTER TABLE {schema}.saga_status ADD COLUMN IF NOT EXISTS problem text;
+ALTER TABLE {schema}.saga_work ADD COLUMN IF NOT EXISTS failures integer NOT NULL DEFAULT 0;
+
+-- name: insert_events
+-- The library sends events as an array of a composite type, quoted as text on the client;
+-- four binary arrays carry the same rows for a fraction of the client's work.
+INSERT INTO {schema}.{events} (originator_id, originator_version, topic, state)
+SELECT * FROM unnest(%b::uuid[], %b::int8[], %b::text[], %b::bytea[])
+RETURNING notification_id
+
+-- name: upsert_status
+-- A later version always wins over an earlier one (a rebuild may rewrite an equal one); any
+-- write of the row clears a problem noted at an earlier version.
+INSERT INTO {schema}.saga_status (saga_uuid, saga_id, saga, state, version, created_at, updated_at, doc)
+SELECT * FROM unnest(%b::uuid[], %b::text[], %b::text[], %b::text[], %b::int[], %b::timestamptz[],
+                     %b::timestamptz[], %b::jsonb[])
+ON CONFLICT (saga_uuid) DO UPDATE SET
+    state = EXCLUDED.state, version = EXCLUDED.version, updated_at = EXCLUDED.updated_at,
+    doc = EXCLUDED.doc, problem = NULL
+WHERE saga_status.version <= EXCLUDED.version
+
+-- name: upsert_work
+-- Writing a row releases any lease on it: the events just saved say what is due next.
+INSERT INTO {schema}.saga_work (saga_uuid, due_at, version)
+SELECT u, d, v FROM unnest(%b::uuid[], %b::timestamptz[], %b::int[]) AS t(u, d, v)
+ON CONFLICT (saga_uuid) DO UPDATE SET
+    due_at = EXCLUDED.due_at, version = EXCLUDED.version, lease_owner = NULL, lease_until = NULL, failures = 0
+
+-- name: delete_work
+DELETE FROM {schema}.saga_work WHERE saga_uuid = ANY(%s)
+
+-- name: track_head
+-- We hold the events table's EXCLUSIVE lock here, so max(notification_id) is our last event.
+INSERT INTO {schema}.saga_status_tracking SELECT %(application)s, max(notification_id) FROM {schema}.{events}
+ON CONFLICT (application_name) DO UPDATE SET notification_id = EXCLUDED.notification_id
+
+-- name: track
+-- The position only moves forwards.
+INSERT INTO {schema}.saga_status_tracking VALUES (%(application)s, %(position)s)
+ON CONFLICT (application_name) DO UPDATE SET notification_id = EXCLUDED.notification_id
+WHERE saga_status_tracking.notification_id < EXCLUDED.notification_id
+
+-- name: claim
+-- SKIP LOCKED: concurrent workers each take different rows instead of queueing on the same ones.
+UPDATE {schema}.saga_work w SET lease_owner = %(owner)s, lease_until = %(until)s
+FROM (SELECT saga_uuid FROM {schema}.saga_work
+      WHERE due_at <= %(now)s AND (lease_until IS NULL OR lease_until < %(now)s)
+      ORDER BY due_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED) c
+WHERE w.saga_uuid = c.saga_uuid RETURNING w.saga_uuid, w.version
+
+-- name: claim_loaded
+-- The claim and the claimed sagas' histories in one round trip.
+WITH claimed AS (
+    UPDATE {schema}.saga_work w SET lease_owner = %(owner)s, lease_until = %(until)s
+    FROM (SELECT saga_uuid FROM {schema}.saga_work
+          WHERE due_at <= %(now)s AND (lease_until IS NULL OR lease_until < %(now)s)
+          ORDER BY due_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED) c
+    WHERE w.saga_uuid = c.saga_uuid RETURNING w.saga_uuid, w.version)
+SELECT claimed.saga_uuid, claimed.version, e.originator_version, e.topic, e.state
+FROM claimed JOIN {schema}.{events} e ON e.originator_id = claimed.saga_uuid
+ORDER BY e.originator_id, e.originator_version
+
+-- name: release
+-- Only if nothing was recorded meanwhile (the version is the one the claim saw).
+UPDATE {schema}.saga_work SET due_at = %(due_at)s, lease_owner = NULL, lease_until = NULL
+WHERE saga_uuid = %(saga_uuid)s AND version = %(version)s
+
+-- name: release_done
+DELETE FROM {schema}.saga_work WHERE saga_uuid = %(saga_uuid)s AND version = %(version)s
+
+-- name: count_failure
+UPDATE {schema}.saga_work SET failures = failures + 1
+WHERE saga_uuid = %(saga_uuid)s AND version = %(version)s RETURNING failures
+
+-- name: defer
+UPDATE {schema}.saga_work SET due_at = %(due_at)s, lease_owner = NULL, lease_until = NULL
+WHERE saga_uuid = %(saga_uuid)s
+
+-- name: note_problem
+UPDATE {schema}.saga_status SET problem = %(problem)s WHERE saga_uuid = %(saga_uuid)s AND version = %(version)s
+
+-- name: next_due
+-- A leased row is not due before its lease ends.
+SELECT min(GREATEST(due_at, lease_until)) FROM {schema}.saga_work
+
+-- name: get_status
+SELECT doc::text, problem FROM {schema}.saga_status WHERE saga_uuid = %(saga_uuid)s
+
+-- name: list_status
+SELECT doc::text, problem FROM {schema}.saga_status {where} ORDER BY updated_at DESC LIMIT %(limit)s
+
+-- name: status_position
+SELECT notification_id FROM {schema}.saga_status_tracking WHERE application_name = %(application)s
+
+-- name: reset_status
+DELETE FROM {schema}.saga_status
+
+-- name: reset_tracking
+DELETE FROM {schema}.saga_status_tracking
+
+-- name: events_of
+SELECT originator_id, originator_version, topic, state FROM {schema}.{events}
+WHERE originator_id = ANY(%(keys)s) ORDER BY originator_id, originator_version

@@ -1,0 +1,104 @@
+-- The SQLite dialect of the saga index: named queries (`-- name: ...`), then the migrations
+-- (`-- migration: N`, applied in order, never edited once shipped). Parameters are :named;
+-- uuids are stored as hex text and times as seconds since the epoch (REAL), which sort.
+
+-- migration: 1
+CREATE TABLE IF NOT EXISTS saga_work (
+    saga_uuid TEXT PRIMARY KEY, due_at REAL NOT NULL, version INTEGER NOT NULL,
+    lease_owner TEXT, lease_until REAL);
+CREATE INDEX IF NOT EXISTS saga_work_due ON saga_work (due_at);
+CREATE TABLE IF NOT EXISTS saga_status (
+    saga_uuid TEXT PRIMARY KEY, saga_id TEXT NOT NULL, saga TEXT NOT NULL, state TEXT NOT NULL,
+    version INTEGER NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL, doc BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS saga_status_state ON saga_status (state, updated_at);
+CREATE INDEX IF NOT EXISTS saga_status_saga ON saga_status (saga, state, updated_at);
+CREATE INDEX IF NOT EXISTS saga_status_updated ON saga_status (updated_at);
+CREATE TABLE IF NOT EXISTS saga_status_tracking (application_name TEXT PRIMARY KEY, notification_id INTEGER);
+
+-- migration: 2
+-- Sagas set aside after their history could not be loaded or saved.
+ALTER TABLE saga_status ADD COLUMN problem TEXT;
+ALTER TABLE saga_work ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
+
+-- name: upsert_status
+-- A later version always wins over an earlier one (a rebuild may rewrite an equal one); any
+-- write of the row clears a problem noted at an earlier version.
+INSERT INTO saga_status (saga_uuid, saga_id, saga, state, version, created_at, updated_at, doc)
+VALUES (:saga_uuid, :saga_id, :saga, :state, :version, :created_at, :updated_at, :doc)
+ON CONFLICT (saga_uuid) DO UPDATE SET
+    state = excluded.state, version = excluded.version, updated_at = excluded.updated_at,
+    doc = excluded.doc, problem = NULL
+WHERE saga_status.version <= excluded.version
+
+-- name: upsert_work
+-- Writing a row releases any lease on it: the events just saved say what is due next.
+INSERT INTO saga_work (saga_uuid, due_at, version) VALUES (:saga_uuid, :due_at, :version)
+ON CONFLICT (saga_uuid) DO UPDATE SET
+    due_at = excluded.due_at, version = excluded.version, lease_owner = NULL, lease_until = NULL, failures = 0
+
+-- name: delete_work
+DELETE FROM saga_work WHERE saga_uuid = :saga_uuid
+
+-- name: track
+-- The position only moves forwards.
+INSERT INTO saga_status_tracking VALUES (:application, :position)
+ON CONFLICT (application_name) DO UPDATE SET notification_id = excluded.notification_id
+WHERE saga_status_tracking.notification_id < excluded.notification_id
+
+-- name: claim
+-- SQLite has no SKIP LOCKED, and needs none: the UPDATE takes the one write lock, so the
+-- select and the lease happen as one step for every process sharing the file.
+UPDATE saga_work SET lease_owner = :owner, lease_until = :until
+WHERE saga_uuid IN (
+    SELECT saga_uuid FROM saga_work WHERE due_at <= :now AND (lease_until IS NULL OR lease_until < :now)
+    ORDER BY due_at LIMIT :limit)
+RETURNING saga_uuid, version
+
+-- name: release
+-- Only if nothing was recorded meanwhile (the version is the one the claim saw).
+UPDATE saga_work SET due_at = :due_at, lease_owner = NULL, lease_until = NULL
+WHERE saga_uuid = :saga_uuid AND version = :version
+
+-- name: release_done
+DELETE FROM saga_work WHERE saga_uuid = :saga_uuid AND version = :version
+
+-- name: count_failure
+-- A write first: it takes the write lock at once (a read first could not upgrade to a write
+-- if another connection committed in between).
+UPDATE saga_work SET failures = failures + 1 WHERE saga_uuid = :saga_uuid AND version = :version
+RETURNING failures
+
+-- name: defer
+UPDATE saga_work SET due_at = :due_at, lease_owner = NULL, lease_until = NULL WHERE saga_uuid = :saga_uuid
+
+-- name: note_problem
+UPDATE saga_status SET problem = :problem WHERE saga_uuid = :saga_uuid AND version = :version
+
+-- name: next_due
+-- A leased row is not due before its lease ends.
+SELECT min(max(due_at, coalesce(lease_until, due_at))) FROM saga_work
+
+-- name: get_status
+SELECT doc, problem FROM saga_status WHERE saga_uuid = :saga_uuid
+
+-- name: list_status
+SELECT doc, problem FROM saga_status {where} ORDER BY updated_at DESC LIMIT :limit
+
+-- name: status_position
+SELECT notification_id FROM saga_status_tracking WHERE application_name = :application
+
+-- name: reset_status
+DELETE FROM saga_status
+
+-- name: reset_tracking
+DELETE FROM saga_status_tracking
+
+-- name: events_of
+SELECT originator_id, originator_version, topic, state FROM {events}
+WHERE originator_id IN ({keys}) ORDER BY originator_id, originator_version
+
+-- name: has_schema_table
+SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'saga_schema'
+
+-- name: schema_version
+SELECT max(version) FROM saga_schema

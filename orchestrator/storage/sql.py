@@ -1,0 +1,162 @@
+"""What the SQL backends share: their named queries and migrations, and the index logic over them.
+
+Each dialect keeps its SQL in ``queries/<dialect>.sql`` as named blocks (``-- name: claim``) and
+numbered migrations (``-- migration: 2``), as procrastinate does; ``SqlIndex`` holds the logic
+once, and a dialect adds only how it talks to its database.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from typing import Any, Protocol
+from uuid import UUID
+
+from orchestrator.storage.ports import APPLICATION_NAME, IndexEntry, SagaIndex, set_aside_delay, with_problem
+
+_MARKER = re.compile(r"^-- (name|migration): (\S+)\s*$", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Queries:
+    """A dialect's named queries and its migrations, in order."""
+
+    named: dict[str, str]
+    migrations: list[list[str]]
+    """Each migration's statements; migration ``n`` is ``migrations[n - 1]``."""
+
+    @classmethod
+    def load(cls, dialect: str) -> Queries:
+        """Read ``queries/<dialect>.sql`` from the package."""
+        text = resources.files("orchestrator.storage").joinpath("queries", f"{dialect}.sql").read_text("utf-8")
+        named: dict[str, str] = {}
+        migrations: dict[int, list[str]] = {}
+        marks = list(_MARKER.finditer(text))
+        for mark, following in zip(marks, [*marks[1:], None], strict=True):
+            body = text[mark.end() : following.start() if following else len(text)]
+            sql = "\n".join(line for line in body.splitlines() if not line.lstrip().startswith("--")).strip()
+            if mark.group(1) == "name":
+                named[mark.group(2)] = sql
+            else:
+                migrations[int(mark.group(2))] = [s.strip() for s in sql.split(";") if s.strip()]
+        if sorted(migrations) != list(range(1, len(migrations) + 1)):
+            raise ValueError(f"{dialect}.sql: migrations must be numbered 1, 2, 3, ... without gaps")
+        return cls(named, [migrations[n] for n in sorted(migrations)])
+
+
+class Cursor(Protocol):
+    """What ``SqlIndex`` needs of a dialect's cursor."""
+
+    def execute(self, query: Any, params: Any = ..., /) -> Any: ...
+
+    def fetchall(self) -> Sequence[Any]: ...
+
+
+class SqlIndex(SagaIndex):
+    """The saga index over a dialect's named queries; subclasses say how to reach the database."""
+
+    queries: Queries
+
+    @abstractmethod
+    def transaction(self, *, commit: bool) -> AbstractContextManager[Cursor]:
+        """A cursor in a transaction, committed at the end if ``commit`` (else rolled back)."""
+
+    @abstractmethod
+    def query(self, name: str, **fragments: str) -> Any:
+        """The named query, ready for this dialect's ``execute`` (``fragments`` fill its ``{slots}``)."""
+
+    @abstractmethod
+    def param(self, name: str) -> str:
+        """How this dialect writes the named parameter ``name`` in a query."""
+
+    @abstractmethod
+    def key(self, saga_uuid: UUID) -> Any:
+        """A saga's key as this dialect stores it."""
+
+    @abstractmethod
+    def moment(self, at: datetime | None) -> Any:
+        """A time as this dialect stores it."""
+
+    @abstractmethod
+    def from_moment(self, value: Any) -> datetime | None:
+        """A stored time back as an aware datetime."""
+
+    def rows(
+        self, cursor: Cursor, name: str, params: dict[str, Any] | None = None, **fragments: str
+    ) -> list[tuple[Any, ...]]:
+        """Run a named query; its rows as tuples."""
+        cursor.execute(self.query(name, **fragments), params or {})
+        return [tuple(row.values()) if isinstance(row, dict) else tuple(row) for row in cursor.fetchall()]
+
+    def run(self, cursor: Cursor, name: str, params: dict[str, Any] | None = None) -> None:
+        """Run a named query that returns nothing."""
+        cursor.execute(self.query(name), params or {})
+
+    def release(self, saga_uuid: UUID, version: int, due_at: datetime | None) -> None:
+        params = {"saga_uuid": self.key(saga_uuid), "version": version, "due_at": self.moment(due_at)}
+        with self.transaction(commit=True) as cursor:
+            self.run(cursor, "release_done" if due_at is None else "release", params)
+
+    def set_aside(self, saga_uuid: UUID, version: int, problem: str, now: datetime) -> datetime | None:
+        key = self.key(saga_uuid)
+        with self.transaction(commit=True) as cursor:
+            counted = self.rows(cursor, "count_failure", {"saga_uuid": key, "version": version})
+            if not counted:
+                return None  # the saga moved on meanwhile
+            due_at = now + set_aside_delay(int(counted[0][0]))
+            self.run(cursor, "defer", {"saga_uuid": key, "due_at": self.moment(due_at)})
+            self.run(cursor, "note_problem", {"saga_uuid": key, "version": version, "problem": problem})
+        return due_at
+
+    def next_due(self) -> datetime | None:
+        with self.transaction(commit=False) as cursor:
+            ((due,),) = self.rows(cursor, "next_due")
+        return self.from_moment(due)
+
+    def get_status(self, saga_uuid: UUID) -> bytes | None:
+        with self.transaction(commit=False) as cursor:
+            found = self.rows(cursor, "get_status", {"saga_uuid": self.key(saga_uuid)})
+        return with_problem(_bytes(found[0][0]), found[0][1]) if found else None
+
+    def list_status(self, state: str | None, saga: str | None, limit: int) -> list[bytes]:
+        filters = {"state": state, "saga": saga}
+        params: dict[str, Any] = {name: value for name, value in filters.items() if value is not None}
+        where = " AND ".join(f"{name} = {self.param(name)}" for name in params)
+        params["limit"] = limit
+        with self.transaction(commit=False) as cursor:
+            found = self.rows(cursor, "list_status", params, where=f"WHERE {where}" if where else "")
+        return [with_problem(_bytes(doc), problem) for doc, problem in found]
+
+    def status_position(self) -> int | None:
+        with self.transaction(commit=False) as cursor:
+            found = self.rows(cursor, "status_position", {"application": APPLICATION_NAME})
+        return int(found[0][0]) if found else None
+
+    def write_status(self, entries: list[IndexEntry], position: int | None, *, reset: bool = False) -> None:
+        with self.transaction(commit=True) as cursor:
+            if reset:
+                self.run(cursor, "reset_status")
+                self.run(cursor, "reset_tracking")
+            if entries:
+                self.upsert_status(cursor, entries)
+            if position is not None:
+                self.run(cursor, "track", {"application": APPLICATION_NAME, "position": position})
+
+    @abstractmethod
+    def upsert_status(self, cursor: Cursor, entries: Sequence[IndexEntry]) -> None:
+        """Upsert the status rows of ``entries`` (the ``upsert_status`` query, batched as the dialect can)."""
+
+
+def _bytes(doc: bytes | str | memoryview) -> bytes:
+    return doc.encode() if isinstance(doc, str) else bytes(doc)
+
+
+def statements(migrations: list[list[str]], version: int) -> Iterator[str]:
+    """The statements that bring a schema at ``version`` to the latest."""
+    for migration in migrations[version:]:
+        yield from migration
