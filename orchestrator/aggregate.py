@@ -25,9 +25,9 @@ from orchestrator.machine import (
     TimeOut,
     next_action,
 )
-from orchestrator.registry import plan_of, validate_input
+from orchestrator.registry import plan_of, search_values, validate_input
 from orchestrator.retry import RetryPolicy
-from orchestrator.safety import check_saga_id, short
+from orchestrator.safety import check_saga_id, check_url, short
 from orchestrator.states import SagaState
 
 TOPIC = "sagaworks.Saga"
@@ -78,7 +78,13 @@ class SagaAggregate(BaseAggregate[UUID]):
 
     @classmethod
     def start(
-        cls, saga: type[Saga[Any]], saga_id: str, input: dict[str, Any], now: datetime, start_at: datetime | None
+        cls,
+        saga: type[Saga[Any]],
+        saga_id: str,
+        input: dict[str, Any],
+        now: datetime,
+        start_at: datetime | None,
+        notify: str | None = None,
     ) -> SagaAggregate:
         """A new saga, with its ``SagaStarted`` pending."""
         event = ev.SagaStarted(
@@ -91,6 +97,8 @@ class SagaAggregate(BaseAggregate[UUID]):
             input=input,
             plan=plan_of(saga),
             start_at=start_at,
+            search=search_values(saga, input),
+            notify=notify,
         )
         aggregate = event.mutate(None)
         assert isinstance(aggregate, SagaAggregate)
@@ -105,13 +113,15 @@ class SagaAggregate(BaseAggregate[UUID]):
         saga_id: str | None,
         start_at: datetime | None,
         max_bytes: int,
+        notify: str | None = None,
     ) -> SagaAggregate:
         """A new saga of a registered class, its ``SagaStarted`` pending, once its input and id pass."""
         saga_id = uuid4().hex if saga_id is None else check_saga_id(saga_id)
         payload = validate_input(saga, data, max_bytes)
         if start_at is not None and (not isinstance(start_at, datetime) or start_at.utcoffset() is None):
             raise InvalidInput(f"start_at must be a timezone-aware datetime, not {short(start_at)}")
-        return cls.start(saga, saga_id, payload, datetime.now(UTC), start_at)
+        url = None if notify is None else check_url(notify)
+        return cls.start(saga, saga_id, payload, datetime.now(UTC), start_at, url)
 
     def __init__(self) -> None:
         """Aggregates are made by ``start`` or replay, never directly."""

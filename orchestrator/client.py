@@ -20,7 +20,9 @@ from orchestrator.aggregate import SagaAggregate, aggregate_id
 from orchestrator.definition import Saga
 from orchestrator.errors import InvalidInput, InvalidTransition, SagaAlreadyStarted, SagaNotFound, UnexpectedEvent
 from orchestrator.readmodels.history import HistoryEvent, history_entries
-from orchestrator.readmodels.status import SagaStatus
+from orchestrator.readmodels.listing import MAX_PAGE, Filters, SagaPage, encode_cursor
+from orchestrator.readmodels.status import SagaStatus, status_of
+from orchestrator.readmodels.timeline import TimelineEntry, timeline_of
 from orchestrator.registry import Registry, SagaRef
 from orchestrator.repository import Repository
 from orchestrator.safety import check_saga_id, check_text, event_payload, short
@@ -102,14 +104,16 @@ class Orchestrator:
         *,
         saga_id: str | None = None,
         start_at: datetime | None = None,
+        notify: str | None = None,
     ) -> str:
         """Start a saga and return its id; nothing runs until a worker picks it up.
 
         ``saga_id`` makes the start idempotent: a repeat with the same saga and input returns
         the id and starts nothing; with a different saga or input it raises ``SagaAlreadyStarted``.
+        ``notify`` is a URL that gets the final status as a signed JSON POST once the saga ends.
         """
         saga_class = self.registry.saga_class(saga)
-        aggregate = SagaAggregate.begin(saga_class, input, saga_id, start_at, self.settings.max_input_bytes)
+        aggregate = SagaAggregate.begin(saga_class, input, saga_id, start_at, self.settings.max_input_bytes, notify)
         try:
             with self.repository.translating("starting a saga"):
                 self.repository.save([aggregate])
@@ -270,21 +274,90 @@ class Orchestrator:
             pause = min(pause * 2, 0.2)
 
     def list(
-        self, state: SagaState | str | None = None, saga: SagaRef | None = None, limit: int = 100
+        self,
+        state: SagaState | str | None = None,
+        saga: SagaRef | None = None,
+        limit: int | None = None,
+        **filters: Any,
     ) -> builtins.list[SagaStatus]:
-        """Sagas, most recently updated first, optionally of one state and one saga."""
-        if state is not None:
-            try:
-                state = SagaState(state)
-            except ValueError:
-                states = ", ".join(s.value for s in SagaState)
-                raise InvalidInput(f"unknown state {short(state)}; states are {states}") from None
-        name = None if saga is None else self.registry.saga_class(saga).name
-        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10_000:
-            raise InvalidInput(f"limit must be an integer from 1 to 10000, not {short(limit)}")
+        """Sagas, most recently updated first: all that match, or the first ``limit``.
+
+        Filters: ``state``, ``saga``, ``created_after``/``created_before``,
+        ``updated_after``/``updated_before`` (aware datetimes), ``search={"field": value}`` (input
+        fields the saga class declares in ``search``). ``page`` gives them a page at a time.
+        """
+        found: builtins.list[SagaStatus] = []
+        cursor = None
+        while True:
+            size = MAX_PAGE if limit is None else min(MAX_PAGE, limit - len(found))
+            page = self.page(state, saga, limit=size, cursor=cursor, **filters)
+            found += page.items
+            cursor = page.next_cursor
+            if cursor is None or (limit is not None and len(found) >= limit):
+                return found
+
+    def page(
+        self,
+        state: SagaState | str | None = None,
+        saga: SagaRef | None = None,
+        *,
+        limit: int = 50,
+        cursor: str | None = None,
+        **filters: Any,
+    ) -> SagaPage:
+        """One page of ``list``: up to ``limit`` sagas (at most 1000) and the cursor of the next page."""
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_PAGE:
+            raise InvalidInput(f"limit must be an integer from 1 to {MAX_PAGE}, not {short(limit)}")
+        query = self._filters(state, saga, filters).query(cursor)
         with self.repository.translating("listing sagas"):
-            docs = self.repository.index.list_status(None if state is None else state.value, name, limit)
-        return [SagaStatus.model_validate_json(doc) for doc in docs]
+            docs = self.repository.index.list_status(query, limit + 1)
+        items = [SagaStatus.model_validate_json(doc) for doc in docs[:limit]]
+        return SagaPage(items=items, next_cursor=encode_cursor(items[-1]) if len(docs) > limit else None)
+
+    def counts(
+        self, state: SagaState | str | None = None, saga: SagaRef | None = None, **filters: Any
+    ) -> dict[str, dict[str, int]]:
+        """How many sagas there are by saga name and state (with the filters of ``list``)."""
+        query = self._filters(state, saga, filters).query()
+        with self.repository.translating("counting sagas"):
+            rows = self.repository.index.count_status(query)
+        counts: dict[str, dict[str, int]] = {}
+        for name, state_, n in rows:
+            counts.setdefault(name, {})[state_] = n
+        return counts
+
+    def _filters(self, state: SagaState | str | None, saga: SagaRef | None, filters: dict[str, Any]) -> Filters:
+        name = None if saga is None else self.registry.saga_class(saga).name
+        try:
+            return Filters(state=state, saga=name, **filters)
+        except TypeError:
+            known = "created_after, created_before, updated_after, updated_before, search"
+            raise InvalidInput(f"unknown filter among {', '.join(filters)}; filters are {known}") from None
+
+    def status_at(self, saga_id: str, when: datetime) -> SagaStatus:
+        """The saga's status as it was at ``when`` (an aware datetime), folded from its history."""
+        if not isinstance(when, datetime) or when.utcoffset() is None:
+            raise InvalidInput(f"when must be a timezone-aware datetime, not {short(when)}")
+        with self.repository.translating("reading a history"):
+            events = self.repository.events(aggregate_id(check_saga_id(saga_id)))
+        if not events:
+            raise SagaNotFound(f"no saga with id {short(saga_id)}")
+        aggregate: Any = None
+        for event in events:
+            if event.timestamp > when:
+                break
+            aggregate = event.mutate(aggregate)
+        if aggregate is None:
+            raise SagaNotFound(f"saga {short(saga_id)} was started after {when.isoformat()}")
+        return status_of(aggregate.run)
+
+    def timeline(self, saga_id: str) -> builtins.list[TimelineEntry]:
+        """Every attempt of every step, compensation and wait of the saga, in order, with its timing."""
+        with self.repository.translating("reading a history"):
+            events = self.repository.events(aggregate_id(check_saga_id(saga_id)))
+        if not events:
+            raise SagaNotFound(f"no saga with id {short(saga_id)}")
+        return timeline_of(events)
 
     def history(self, saga_id: str) -> builtins.list[HistoryEvent]:
         """The saga's events in order: its whole life, the truth everything else derives from."""

@@ -62,6 +62,8 @@ class Saga(Generic[InputT], metaclass=_SagaMeta):
 
     name: ClassVar[str]
     input_model: ClassVar[type[BaseModel]]
+    search: ClassVar[list[str]] = []
+    """Input fields the list filters can match (``orch.list(search={"employee": "ada"})``)."""
     nodes: ClassVar[tuple[Node, ...]]
 
     step_map: ClassVar[dict[str, StepDef]]
@@ -100,6 +102,12 @@ class Saga(Generic[InputT], metaclass=_SagaMeta):
         if not is_name(cls.name):
             raise DefinitionError(f"{cls.__qualname__}.name must be a printable string of 1 to 200 characters")
         cls.input_model = _find_input_model(cls)
+        unknown = [name for name in cls.search if name not in cls.input_model.model_fields]
+        if not isinstance(cls.search, list | tuple) or unknown:
+            raise DefinitionError(
+                f"{cls.__qualname__}.search names input fields of {cls.input_model.__name__}; "
+                f"not fields: {', '.join(map(repr, unknown)) or repr(cls.search)}"
+            )
         cls.nodes = _collect_nodes(cls)
         cls.step_map = {node.name: node for node in cls.nodes if isinstance(node, StepDef)}
 

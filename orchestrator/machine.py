@@ -81,6 +81,10 @@ class SagaRun:
     error: str | None = None
     cause: str | None = None
     """Why the saga turned back (kept when a retried compensation clears ``error``)."""
+    search: dict[str, Any] = field(default_factory=dict)
+    """Searchable input fields and their values, as recorded at start."""
+    notify: str | None = None
+    """Where to POST the final status, if the starter asked."""
 
     by_name: dict[str, NodeRun] = field(default_factory=dict, repr=False, compare=False)
 

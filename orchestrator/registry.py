@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import orjson
 from pydantic import BaseModel, ValidationError
 
 from orchestrator.definition import Saga, StepDef
@@ -46,6 +47,22 @@ def plan_of(saga: type[Saga[Any]]) -> list[PlanNode]:
                 )
             )
     return plan
+
+
+def search_values(saga: type[Saga[Any]], payload: dict[str, Any]) -> dict[str, Any]:
+    """The saga's searchable input fields (``search = [...]`` on its class) and their values.
+
+    Scalars are kept as they are; anything else is kept as its JSON text, so it can still be
+    matched exactly.
+    """
+    values: dict[str, Any] = {}
+    for name in saga.search:
+        value = payload.get(name)
+        if value is None or isinstance(value, str | int | float | bool):
+            values[name] = value
+        else:
+            values[name] = orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    return values
 
 
 def policies_of(saga: type[Saga[Any]]) -> Policies:

@@ -114,6 +114,20 @@ def check_saga_id(saga_id: Any) -> str:
     return saga_id
 
 
+def check_url(url: Any) -> str:
+    """A notification URL: http or https, at most 2,000 characters, no control characters."""
+    if not isinstance(url, str) or not url.lower().startswith(("http://", "https://")):
+        raise InvalidInput(f"a notification URL is http:// or https://, not {short(url)}")
+    if len(url) > 2000 or _bad_text(url, "url") or any(unicodedata.category(c) == "Cc" for c in url):
+        raise InvalidInput(f"a notification URL has at most 2000 printable characters: {short(url)}")
+    try:
+        if not urlsplit(url).hostname:
+            raise ValueError("no host")
+    except ValueError as error:
+        raise InvalidInput(f"not a usable URL: {short(url)} ({error})") from None
+    return url
+
+
 def check_text(text: Any, what: str, limit: int = MAX_REASON_LENGTH) -> str | None:
     """A free text (a reason): ``None`` or a storable string of at most ``limit`` characters."""
     if text is None:

@@ -16,7 +16,7 @@ import pytest
 from orchestrator import Orchestrator
 from orchestrator.aggregate import aggregate_id
 from orchestrator.readmodels.status import index_entry
-from orchestrator.storage import SagaIndex, ThreadWaker
+from orchestrator.storage import SagaIndex, StatusQuery, ThreadWaker
 from orchestrator.storage.sqlite import DataVersionWatcher
 from tests.test_smoke import Ship
 
@@ -123,7 +123,7 @@ def test_list_filters_and_orders_by_last_update(orch: Orchestrator) -> None:
     """list_status filters by state and saga and returns the most recently updated first, up to limit."""
     started(orch, "a", "b", "c")
     orch.cancel("b")
-    assert len(index(orch).list_status(None, None, 10)) == 3
+    assert len(index(orch).list_status(StatusQuery(), 10)) == 3
     assert [s.saga_id for s in orch.list()] == ["b", "c", "a"]
     assert [s.saga_id for s in orch.list(state="pending")] == ["c", "a"]
     assert [s.saga_id for s in orch.list(state="compensating", saga="Ship")] == ["b"]

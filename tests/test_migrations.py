@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from orchestrator import Orchestrator, SagaState
+from orchestrator.storage.sqlite import QUERIES
 from tests.conftest import drain
 from tests.test_smoke import Ship
 
@@ -22,13 +23,15 @@ def downgrade_to_v1(orch: Orchestrator) -> None:
                 "DROP TABLE saga_schema",
                 "ALTER TABLE saga_status DROP COLUMN problem",
                 "ALTER TABLE saga_work DROP COLUMN failures",
+                "ALTER TABLE saga_status DROP COLUMN search",
             ):
                 cursor.execute(statement)
         else:
             schema = recorder.datastore.schema  # type: ignore[attr-defined]
             cursor.execute(
                 f"DROP TABLE {schema}.saga_schema; ALTER TABLE {schema}.saga_status DROP COLUMN problem;"
-                f" ALTER TABLE {schema}.saga_work DROP COLUMN failures"
+                f" ALTER TABLE {schema}.saga_work DROP COLUMN failures;"
+                f" ALTER TABLE {schema}.saga_status DROP COLUMN search"
             )
 
 
@@ -47,7 +50,7 @@ def test_a_database_of_the_previous_release_is_migrated_on_open(durable_url: str
             row = cursor.fetchone()
             count, version = tuple(row.values()) if isinstance(row, dict) else tuple(row)
     assert [s.state for s in statuses] == [SagaState.COMPLETED, SagaState.COMPLETED]
-    assert (count, version) == (1, 2)
+    assert (count, version) == (1, len(QUERIES.migrations))
 
 
 OPEN = """

@@ -7,6 +7,7 @@ from typing import Any
 from uuid import UUID
 
 from eventsourcing.domain import CanInitAggregate
+from pydantic import Field
 
 from orchestrator.events.base import SagaEvent, StepEvent
 from orchestrator.machine import InFlight, NodeRun, PlanNode, SagaRun
@@ -22,6 +23,10 @@ class SagaStarted(SagaEvent, CanInitAggregate[UUID]):
     input: dict[str, Any]
     plan: list[PlanNode]
     start_at: datetime | None = None
+    search: dict[str, Any] = Field(default_factory=dict)
+    """The input fields the saga class declares searchable (``search = [...]``), with their values."""
+    notify: str | None = None
+    """A URL to POST the final status to once the saga ends."""
 
     def apply(self, aggregate: Any) -> None:
         aggregate.run = SagaRun(
@@ -32,6 +37,8 @@ class SagaStarted(SagaEvent, CanInitAggregate[UUID]):
             created_at=self.timestamp,
             updated_at=self.timestamp,
             due_at=self.start_at or self.timestamp,
+            search=self.search,
+            notify=self.notify,
         )
 
 

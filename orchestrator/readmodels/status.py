@@ -101,4 +101,5 @@ def index_entry(aggregate: SagaAggregate) -> IndexEntry:
         created_at=run.created_at,
         updated_at=run.updated_at,
         doc=status_document(run),
+        search=orjson.dumps(run.search) if run.search else None,
     )

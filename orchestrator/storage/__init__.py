@@ -1,7 +1,7 @@
 """Storage: the port the engine uses, the URL that chooses a backend, and the backends."""
 
 from orchestrator.storage.application import SagaApplication, is_transient, open_store, storage_error
-from orchestrator.storage.ports import APPLICATION_NAME, Claim, IndexEntry, SagaIndex, ThreadWaker, Waker
+from orchestrator.storage.ports import APPLICATION_NAME, Claim, IndexEntry, SagaIndex, StatusQuery, ThreadWaker, Waker
 from orchestrator.storage.urls import DEFAULT_DATABASE_URL, Database, parse_database_url
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "IndexEntry",
     "SagaApplication",
     "SagaIndex",
+    "StatusQuery",
     "ThreadWaker",
     "Waker",
     "is_transient",

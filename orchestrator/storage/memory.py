@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+import orjson
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.popo import POPOApplicationRecorder
 
-from orchestrator.storage.ports import Claim, IndexEntry, SagaIndex, Waker, set_aside_delay, with_problem
+from orchestrator.storage.ports import (
+    Claim,
+    IndexEntry,
+    SagaIndex,
+    StatusQuery,
+    Waker,
+    set_aside_delay,
+    with_problem,
+)
 
 
 class MemoryRecorder(SagaIndex, POPOApplicationRecorder):
@@ -93,16 +103,34 @@ class MemoryRecorder(SagaIndex, POPOApplicationRecorder):
             entry = self.status.get(saga_uuid)
             return self._doc(entry) if entry else None
 
-    def list_status(self, state: str | None, saga: str | None, limit: int) -> list[bytes]:
+    def list_status(self, query: StatusQuery, limit: int) -> list[bytes]:
         with self._database_lock:
-            rows = [
-                e
-                for e in self.status.values()
-                if (state is None or e.state == state) and (saga is None or e.saga == saga)
-            ]
-        rows.sort(key=lambda e: (e.updated_at, e.saga_id), reverse=True)
-        with self._database_lock:
+            rows = sorted(self._matching(query), key=lambda e: (e.updated_at, e.saga_uuid), reverse=True)
             return [self._doc(e) for e in rows[:limit]]
+
+    def count_status(self, query: StatusQuery) -> list[tuple[str, str, int]]:
+        with self._database_lock:
+            counts = Counter((e.saga, e.state) for e in self._matching(query))
+        return [(saga, state, n) for (saga, state), n in sorted(counts.items())]
+
+    def _matching(self, q: StatusQuery) -> list[IndexEntry]:
+        def keep(e: IndexEntry) -> bool:
+            search = orjson.loads(e.search) if e.search else {}
+            return (
+                (q.state is None or e.state == q.state)
+                and (q.saga is None or e.saga == q.saga)
+                and (q.created_after is None or e.created_at >= q.created_after)
+                and (q.created_before is None or e.created_at < q.created_before)
+                and (q.updated_after is None or e.updated_at >= q.updated_after)
+                and (q.updated_before is None or e.updated_at < q.updated_before)
+                and all(
+                    name in search and search[name] == value and type(search[name]) is type(value)
+                    for name, value in q.search.items()
+                )
+                and (q.after is None or (e.updated_at, e.saga_uuid) < q.after)
+            )
+
+        return [e for e in self.status.values() if keep(e)]
 
     def status_position(self) -> int | None:
         return self.position

@@ -11,9 +11,9 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 from uuid import UUID
 
 import orjson
@@ -38,6 +38,26 @@ class IndexEntry:
     updated_at: datetime
     doc: bytes
     """The ``SagaStatus`` as JSON."""
+    search: bytes | None = None
+    """The saga's searchable input fields as a JSON object (written once, with the first row)."""
+
+
+@dataclass(frozen=True)
+class StatusQuery:
+    """Which status rows to list or count; every filter is optional."""
+
+    state: str | None = None
+    saga: str | None = None
+    created_after: datetime | None = None
+    """Created at or after this time."""
+    created_before: datetime | None = None
+    """Created before this time."""
+    updated_after: datetime | None = None
+    updated_before: datetime | None = None
+    search: dict[str, Any] = field(default_factory=dict)
+    """Searchable input fields that must equal these values."""
+    after: tuple[datetime, UUID] | None = None
+    """Keyset paging: only rows that come after this (updated_at, saga_uuid) in the list's order."""
 
 
 @dataclass(frozen=True)
@@ -134,8 +154,12 @@ class SagaIndex(ABC):
         """The status document of a saga, if it was started."""
 
     @abstractmethod
-    def list_status(self, state: str | None, saga: str | None, limit: int) -> list[bytes]:
-        """Status documents, most recently updated first, filtered by state and saga name."""
+    def list_status(self, query: StatusQuery, limit: int) -> list[bytes]:
+        """Status documents matching ``query``, most recently updated first (then by saga key)."""
+
+    @abstractmethod
+    def count_status(self, query: StatusQuery) -> list[tuple[str, str, int]]:
+        """How many sagas match ``query``, as (saga name, state, count) rows."""
 
     @abstractmethod
     def select_events_many(self, saga_uuids: list[UUID]) -> list[StoredEvent]:

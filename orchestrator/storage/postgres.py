@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+import orjson
 import psycopg
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
@@ -138,6 +139,10 @@ class PostgresIndexRecorder(SqlIndex, PostgresApplicationRecorder):
     def param(self, name: str) -> str:
         return f"%({name})s"
 
+    def search_clause(self, search: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        # Containment, so the GIN index on search serves any combination of fields.
+        return "search @> %(search)s::jsonb", {"search": orjson.dumps(search).decode()}
+
     def key(self, saga_uuid: UUID) -> Any:
         return saga_uuid
 
@@ -238,6 +243,7 @@ def _status_columns(entries: Sequence[IndexEntry]) -> tuple[list[Any], ...]:
         [e.created_at for e in entries],
         [e.updated_at for e in entries],
         [e.doc.decode() for e in entries],
+        [None if e.search is None else e.search.decode() for e in entries],
     )
 
 

@@ -17,7 +17,14 @@ from importlib import resources
 from typing import Any, Protocol
 from uuid import UUID
 
-from orchestrator.storage.ports import APPLICATION_NAME, IndexEntry, SagaIndex, set_aside_delay, with_problem
+from orchestrator.storage.ports import (
+    APPLICATION_NAME,
+    IndexEntry,
+    SagaIndex,
+    StatusQuery,
+    set_aside_delay,
+    with_problem,
+)
 
 _MARKER = re.compile(r"^-- (name|migration): (\S+)\s*$", re.MULTILINE)
 
@@ -123,14 +130,57 @@ class SqlIndex(SagaIndex):
             found = self.rows(cursor, "get_status", {"saga_uuid": self.key(saga_uuid)})
         return with_problem(_bytes(found[0][0]), found[0][1]) if found else None
 
-    def list_status(self, state: str | None, saga: str | None, limit: int) -> list[bytes]:
-        filters = {"state": state, "saga": saga}
-        params: dict[str, Any] = {name: value for name, value in filters.items() if value is not None}
-        where = " AND ".join(f"{name} = {self.param(name)}" for name in params)
+    def list_status(self, query: StatusQuery, limit: int) -> list[bytes]:
+        where, params = self.where(query)
         params["limit"] = limit
         with self.transaction(commit=False) as cursor:
-            found = self.rows(cursor, "list_status", params, where=f"WHERE {where}" if where else "")
+            found = self.rows(cursor, "list_status", params, where=where)
         return [with_problem(_bytes(doc), problem) for doc, problem in found]
+
+    def count_status(self, query: StatusQuery) -> list[tuple[str, str, int]]:
+        where, params = self.where(query)
+        with self.transaction(commit=False) as cursor:
+            found = self.rows(cursor, "count_status", params, where=where)
+        return [(saga, state, int(count)) for saga, state, count in found]
+
+    def where(self, query: StatusQuery) -> tuple[str, dict[str, Any]]:
+        """The WHERE clause and parameters of a status query (columns fixed here; values as parameters)."""
+        clauses: list[str] = []
+        params: dict[str, Any] = {}
+
+        def add(clause: str, **values: Any) -> None:
+            clauses.append(clause.format(**{name: self.param(name) for name in values}))
+            params.update(values)
+
+        if query.state is not None:
+            add("state = {state}", state=query.state)
+        if query.saga is not None:
+            add("saga = {saga}", saga=query.saga)
+        for column, bound, value in (
+            ("created_at", ">=", query.created_after),
+            ("created_at", "<", query.created_before),
+            ("updated_at", ">=", query.updated_after),
+            ("updated_at", "<", query.updated_before),
+        ):
+            if value is not None:
+                name = f"{column}_{'from' if bound == '>=' else 'to'}"
+                add(f"{column} {bound} {{{name}}}", **{name: self.moment(value)})
+        if query.search:
+            clause, values = self.search_clause(query.search)
+            clauses.append(clause)
+            params.update(values)
+        if query.after is not None:
+            at, key = self.moment(query.after[0]), self.key(query.after[1])
+            add(
+                "(updated_at < {after_at} OR (updated_at = {after_at} AND saga_uuid < {after_key}))",
+                after_at=at,
+                after_key=key,
+            )
+        return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+    @abstractmethod
+    def search_clause(self, search: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """A clause matching rows whose searchable fields equal ``search``, with its parameters."""
 
     def status_position(self) -> int | None:
         with self.transaction(commit=False) as cursor:

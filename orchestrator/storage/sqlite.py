@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
+import orjson
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteCursor
 
@@ -74,6 +75,15 @@ class SQLiteIndexRecorder(SqlIndex, SQLiteApplicationRecorder):
     def param(self, name: str) -> str:
         return f":{name}"
 
+    def search_clause(self, search: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        # Field names are identifiers (checked by the caller); values go in as JSON, so a string,
+        # a number and a boolean each match only their own kind.
+        clauses, params = [], {}
+        for i, (name, value) in enumerate(search.items()):
+            clauses.append(f"json_extract(search, '$.{name}') IS json_extract(:search_{i}, '$')")
+            params[f"search_{i}"] = orjson.dumps(value).decode()
+        return " AND ".join(clauses), params
+
     def key(self, saga_uuid: UUID) -> Any:
         return saga_uuid.hex
 
@@ -97,6 +107,7 @@ class SQLiteIndexRecorder(SqlIndex, SQLiteApplicationRecorder):
             "created_at": entry.created_at.timestamp(),
             "updated_at": entry.updated_at.timestamp(),
             "doc": entry.doc,
+            "search": None if entry.search is None else entry.search.decode(),
         }
 
     # Writes in the events' transaction

@@ -32,6 +32,13 @@ CREATE TABLE IF NOT EXISTS {schema}.saga_status_tracking (
 ALTER TABLE {schema}.saga_status ADD COLUMN IF NOT EXISTS problem text;
 ALTER TABLE {schema}.saga_work ADD COLUMN IF NOT EXISTS failures integer NOT NULL DEFAULT 0;
 
+-- migration: 3
+-- Searchable input fields, for the list filters (jsonb containment, with a GIN index).
+ALTER TABLE {schema}.saga_status ADD COLUMN IF NOT EXISTS search jsonb;
+CREATE INDEX IF NOT EXISTS saga_status_search ON {schema}.saga_status USING gin (search jsonb_path_ops);
+CREATE INDEX IF NOT EXISTS saga_status_created ON {schema}.saga_status (created_at DESC);
+CREATE INDEX IF NOT EXISTS saga_status_order ON {schema}.saga_status (updated_at DESC, saga_uuid DESC);
+
 -- name: insert_events
 -- The library sends events as an array of a composite type, quoted as text on the client;
 -- four binary arrays carry the same rows for a fraction of the client's work.
@@ -42,9 +49,9 @@ RETURNING notification_id
 -- name: upsert_status
 -- A later version always wins over an earlier one (a rebuild may rewrite an equal one); any
 -- write of the row clears a problem noted at an earlier version.
-INSERT INTO {schema}.saga_status (saga_uuid, saga_id, saga, state, version, created_at, updated_at, doc)
+INSERT INTO {schema}.saga_status (saga_uuid, saga_id, saga, state, version, created_at, updated_at, doc, search)
 SELECT * FROM unnest(%b::uuid[], %b::text[], %b::text[], %b::text[], %b::int[], %b::timestamptz[],
-                     %b::timestamptz[], %b::jsonb[])
+                     %b::timestamptz[], %b::jsonb[], %b::jsonb[])
 ON CONFLICT (saga_uuid) DO UPDATE SET
     state = EXCLUDED.state, version = EXCLUDED.version, updated_at = EXCLUDED.updated_at,
     doc = EXCLUDED.doc, problem = NULL
@@ -118,7 +125,10 @@ SELECT min(GREATEST(due_at, lease_until)) FROM {schema}.saga_work
 SELECT doc::text, problem FROM {schema}.saga_status WHERE saga_uuid = %(saga_uuid)s
 
 -- name: list_status
-SELECT doc::text, problem FROM {schema}.saga_status {where} ORDER BY updated_at DESC LIMIT %(limit)s
+SELECT doc::text, problem FROM {schema}.saga_status {where} ORDER BY updated_at DESC, saga_uuid DESC LIMIT %(limit)s
+
+-- name: count_status
+SELECT saga, state, count(*) FROM {schema}.saga_status {where} GROUP BY saga, state ORDER BY saga, state
 
 -- name: status_position
 SELECT notification_id FROM {schema}.saga_status_tracking WHERE application_name = %(application)s

@@ -20,11 +20,16 @@ CREATE TABLE IF NOT EXISTS saga_status_tracking (application_name TEXT PRIMARY K
 ALTER TABLE saga_status ADD COLUMN problem TEXT;
 ALTER TABLE saga_work ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
 
+-- migration: 3
+-- Searchable input fields (a JSON object), for the list filters.
+ALTER TABLE saga_status ADD COLUMN search TEXT;
+CREATE INDEX IF NOT EXISTS saga_status_created ON saga_status (created_at);
+
 -- name: upsert_status
 -- A later version always wins over an earlier one (a rebuild may rewrite an equal one); any
 -- write of the row clears a problem noted at an earlier version.
-INSERT INTO saga_status (saga_uuid, saga_id, saga, state, version, created_at, updated_at, doc)
-VALUES (:saga_uuid, :saga_id, :saga, :state, :version, :created_at, :updated_at, :doc)
+INSERT INTO saga_status (saga_uuid, saga_id, saga, state, version, created_at, updated_at, doc, search)
+VALUES (:saga_uuid, :saga_id, :saga, :state, :version, :created_at, :updated_at, :doc, :search)
 ON CONFLICT (saga_uuid) DO UPDATE SET
     state = excluded.state, version = excluded.version, updated_at = excluded.updated_at,
     doc = excluded.doc, problem = NULL
@@ -82,7 +87,10 @@ SELECT min(max(due_at, coalesce(lease_until, due_at))) FROM saga_work
 SELECT doc, problem FROM saga_status WHERE saga_uuid = :saga_uuid
 
 -- name: list_status
-SELECT doc, problem FROM saga_status {where} ORDER BY updated_at DESC LIMIT :limit
+SELECT doc, problem FROM saga_status {where} ORDER BY updated_at DESC, saga_uuid DESC LIMIT :limit
+
+-- name: count_status
+SELECT saga, state, count(*) FROM saga_status {where} GROUP BY saga, state ORDER BY saga, state
 
 -- name: status_position
 SELECT notification_id FROM saga_status_tracking WHERE application_name = :application
