@@ -367,6 +367,10 @@ class Orchestrator:
             raise SagaNotFound(f"no saga with id {short(saga_id)}")
         return history_entries(events)
 
+    def projection_lag(self) -> dict[str, dict[str, float]]:
+        """How far each registered projection is behind the event log: ``lag_events``, ``lag_seconds``."""
+        return {}
+
     # Workers
 
     def run_worker(self, wait: bool = True, **options: Any) -> int:

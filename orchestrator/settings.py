@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from orchestrator.errors import ConfigurationError
@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     """Seconds a stopping worker waits for the attempts in hand before it leaves them to their leases."""
     max_input_bytes: int = Field(default=1 << 20, ge=1024)
     """Largest saga input, event payload or step output, in bytes of JSON (default 1 MiB)."""
+    api_token: SecretStr | None = None
+    """Bearer token the HTTP API and dashboard require for every change (start, send, cancel, retry)."""
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    """Largest HTTP request body the API reads (default 1 MiB); larger ones are refused with 413."""
+    notify_secret: SecretStr | None = None
+    """Key of the HMAC-SHA256 signature on completion notifications (``Sagaworks-Signature``)."""
     log_json: bool | None = None
     """JSON logs (default: when stderr is not a terminal)."""
     log_level: LogLevel = "info"

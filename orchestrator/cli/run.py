@@ -120,4 +120,28 @@ def bench(ctx: click.Context, /, json_only: bool, **options: Any) -> None:
     click.echo(json_line(result))
 
 
-COMMANDS = [worker, projections, demo, bench]
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@app_option
+@click.pass_context
+def serve(ctx: click.Context, app_spec: str | None, host: str, port: int) -> None:
+    """Serve the HTTP API, its OpenAPI document (/openapi.json) and the dashboard (/) until SIGTERM/SIGINT."""
+    import uvicorn
+
+    from orchestrator.http.app import create_app
+
+    orch = app_of(ctx, app_spec, opened=False)
+    if host not in LOOPBACK and orch.settings.api_token is None:
+        raise click.UsageError(
+            f"refusing to listen on {host} without a token: set SAGA_API_TOKEN (changes then need"
+            " Authorization: Bearer <token>), or listen on 127.0.0.1"
+        )
+    # Uvicorn's own access log would print query strings; the app logs one line per request instead.
+    uvicorn.run(create_app(orch), host=host, port=port, access_log=False, log_level="warning", server_header=False)
+
+
+COMMANDS = [worker, projections, demo, bench, serve]

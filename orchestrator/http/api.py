@@ -1,0 +1,318 @@
+"""The sagas over HTTP, as asynchronous request-reply: start -> 202 + Location, poll the status,
+send events, cancel, retry; list, count, history, timeline and time travel."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from datetime import datetime
+from typing import Annotated, Any
+from urllib.parse import quote, urlencode
+
+import orjson
+from fastapi import APIRouter, Body, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field
+
+from orchestrator.client import Orchestrator
+from orchestrator.definition import Saga
+from orchestrator.errors import InvalidInput, UnknownSaga
+from orchestrator.http.problems import responses
+from orchestrator.http.security import token_matches, unauthorized
+from orchestrator.http.watch import Changes
+from orchestrator.readmodels.history import HistoryEvent
+from orchestrator.readmodels.status import SagaStatus
+from orchestrator.readmodels.timeline import TimelineEntry
+from orchestrator.states import SagaState
+
+RETRY_AFTER = "1"
+"""Seconds a poller is told to wait before asking again about a saga that is not finished."""
+MAX_WAIT = 60
+_PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait=(\d+)")
+
+
+class Started(BaseModel):
+    """The answer to a start: the saga's id and where to poll it, send it events, cancel and retry it."""
+
+    saga_id: str
+    saga: str
+    status_url: str
+    events_url: str
+    """A template: put the event's name in place of ``{event}``."""
+    cancel_url: str
+    retry_url: str
+    history_url: str
+    timeline_url: str
+
+
+class SagaList(BaseModel):
+    """A page of sagas and, if there are more, the cursor and URL of the next page."""
+
+    items: list[SagaStatus]
+    next_cursor: str | None = None
+    next: str | None = None
+
+
+class Counts(BaseModel):
+    """How many sagas there are, by saga name and state."""
+
+    counts: dict[str, dict[str, int]]
+    total: int
+
+
+class CancelRequest(BaseModel):
+    """What a cancel asks for."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str | None = Field(default=None, max_length=2000)
+    compensate: bool = True
+    """``false`` ends the saga where it stands, running nothing more (the way out of ``failed``)."""
+
+
+def saga_url(saga_id: str, *rest: str) -> str:
+    """The URL path of a saga (the id percent-encoded), or of one of its resources."""
+    return "/".join([f"/sagas/{quote(saga_id, safe='')}", *rest])
+
+
+def started(saga: str, saga_id: str) -> Started:
+    url = saga_url(saga_id)
+    return Started(
+        saga_id=saga_id,
+        saga=saga,
+        status_url=url,
+        events_url=f"{url}/events/{{event}}",
+        cancel_url=f"{url}/cancel",
+        retry_url=f"{url}/retry",
+        history_url=f"{url}/history",
+        timeline_url=f"{url}/timeline",
+    )
+
+
+def parse_search(items: list[str]) -> dict[str, Any]:
+    """``field:value`` pairs; a value that reads as a JSON number or boolean is one, else it is text."""
+    search: dict[str, Any] = {}
+    for item in items:
+        name, sep, raw = item.partition(":")
+        if not sep:
+            raise InvalidInput(f"search takes field:value, not {item[:60]!r}")
+        try:
+            value = orjson.loads(raw)
+            search[name] = value if isinstance(value, bool | int | float) else raw
+        except orjson.JSONDecodeError:
+            search[name] = raw
+    return search
+
+
+def build_api(orch: Orchestrator, changes: Changes) -> APIRouter:
+    """The routes of the API for ``orch`` (one start route per registered saga, typed by its input)."""
+    router = APIRouter()
+    token = orch.settings.api_token.get_secret_value() if orch.settings.api_token else None
+
+    def guard(request: Request) -> Response | None:
+        return None if token_matches(request, token) else unauthorized(request)
+
+    for saga in orch.registry:
+        _add_start(router, orch, saga, guard)
+
+    @router.post(
+        "/sagas/{name}", status_code=202, response_model=Started, responses=responses(401, 404), tags=["sagas"]
+    )
+    def start_unknown(name: str, request: Request) -> Any:
+        """Start a saga of a name no saga is registered under: always ``404 unknown-saga``."""
+        if (refused := guard(request)) is not None:
+            return refused
+        raise UnknownSaga(f"unknown saga {name[:60]!r}; registered sagas: {', '.join(sorted(orch.sagas)) or 'none'}")
+
+    @router.get("/sagas", response_model=SagaList, responses=responses(), tags=["sagas"])
+    def list_sagas(
+        request: Request,
+        state: SagaState | None = None,
+        saga: str | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        updated_after: datetime | None = None,
+        updated_before: datetime | None = None,
+        search: Annotated[list[str], Query(description="field:value; repeat for more fields")] = [],  # noqa: B006
+        limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+        cursor: str | None = None,
+    ) -> Any:
+        """Sagas, most recently updated first, filtered; keyset pages (``next_cursor``, ``Link: rel=next``)."""
+        filters = {
+            "created_after": created_after,
+            "created_before": created_before,
+            "updated_after": updated_after,
+            "updated_before": updated_before,
+            "search": parse_search(search),
+        }
+        page = orch.page(state, saga, limit=limit, cursor=cursor, **filters)
+        nxt = None
+        if page.next_cursor is not None:
+            params = [(k, v) for k, v in request.query_params.multi_items() if k != "cursor"]
+            nxt = f"/sagas?{urlencode([*params, ('cursor', page.next_cursor)])}"
+        body = SagaList(items=page.items, next_cursor=page.next_cursor, next=nxt)
+        response = Response(body.model_dump_json(), media_type="application/json")
+        if nxt:
+            response.headers["Link"] = f'<{nxt}>; rel="next"'
+        return response
+
+    @router.get("/sagas/counts", response_model=Counts, responses=responses(), tags=["sagas"])
+    def count_sagas(saga: str | None = None, state: SagaState | None = None) -> Counts:
+        """How many sagas there are per saga name and state."""
+        counts = orch.counts(state, saga)
+        return Counts(counts=counts, total=sum(n for states in counts.values() for n in states.values()))
+
+    @router.get(
+        "/sagas/{saga_id}",
+        response_model=SagaStatus,
+        responses={**responses(404), 202: {"model": SagaStatus, "description": "Not finished: poll again"}},
+        tags=["sagas"],
+    )
+    async def get_status(
+        saga_id: str,
+        at: datetime | None = None,
+        prefer: Annotated[str | None, Header(description="wait=N (N <= 60): wait up to N s for the end")] = None,
+    ) -> Any:
+        """The saga's status: ``200`` once it has ended, ``202`` (with ``Retry-After``) while it runs.
+
+        ``at=TIME`` gives the status it had then. ``Prefer: wait=N`` holds the request until the
+        saga ends or N seconds pass.
+        """
+        if at is not None:
+            then = await run_in_threadpool(orch.status_at, saga_id, at)
+            return _status_response(then, final=True)
+        status = await run_in_threadpool(orch.status, saga_id)
+        wait = _prefer_wait(prefer)
+        if wait and not status.state.terminal:
+
+            async def ended() -> SagaStatus | None:
+                found = await run_in_threadpool(orch.status, saga_id)
+                return found if found.state.terminal else None
+
+            final = await changes.until(ended, wait)
+            status = final if final is not None else await run_in_threadpool(orch.status, saga_id)
+        response = _status_response(status, final=status.state.terminal)
+        if wait:
+            response.headers["Preference-Applied"] = f"wait={wait}"
+        return response
+
+    @router.get("/sagas/{saga_id}/history", response_model=list[HistoryEvent], responses=responses(404), tags=["sagas"])
+    def history(saga_id: str) -> list[HistoryEvent]:
+        """The saga's events in order: the truth everything else is derived from."""
+        return orch.history(saga_id)
+
+    @router.get(
+        "/sagas/{saga_id}/timeline", response_model=list[TimelineEntry], responses=responses(404), tags=["sagas"]
+    )
+    def timeline(saga_id: str) -> list[TimelineEntry]:
+        """Every attempt of every step, compensation, wait and notification, with its timing."""
+        return orch.timeline(saga_id)
+
+    @router.post(
+        "/sagas/{saga_id}/events/{event}",
+        status_code=202,
+        response_model=SagaStatus,
+        responses=responses(401, 404, 409),
+        tags=["sagas"],
+    )
+    def send(saga_id: str, event: str, request: Request, data: Annotated[dict[str, Any] | None, Body()] = None) -> Any:
+        """Deliver an event the saga waits for (now or later in its plan); ``409`` if it does not."""
+        if (refused := guard(request)) is not None:
+            return refused
+        orch.send(saga_id, event, data or {})
+        return _status_response(orch.status(saga_id), final=False, code=202)
+
+    @router.post(
+        "/sagas/{saga_id}/cancel",
+        status_code=202,
+        response_model=SagaStatus,
+        responses=responses(401, 404, 409),
+        tags=["sagas"],
+    )
+    def cancel(saga_id: str, request: Request, body: Annotated[CancelRequest | None, Body()] = None) -> Any:
+        """Cancel the saga: what it did is compensated (or, with ``compensate: false``, nothing more runs)."""
+        if (refused := guard(request)) is not None:
+            return refused
+        body = body or CancelRequest()
+        orch.cancel(saga_id, body.reason, compensate=body.compensate)
+        return _status_response(orch.status(saga_id), final=False, code=202)
+
+    @router.post(
+        "/sagas/{saga_id}/retry",
+        status_code=202,
+        response_model=SagaStatus,
+        responses=responses(401, 404, 409),
+        tags=["sagas"],
+    )
+    def retry(saga_id: str, request: Request) -> Any:
+        """Resume a failed saga's compensations."""
+        if (refused := guard(request)) is not None:
+            return refused
+        orch.retry(saga_id)
+        return _status_response(orch.status(saga_id), final=False, code=202)
+
+    return router
+
+
+def _add_start(router: APIRouter, orch: Orchestrator, saga: type[Saga[Any]], guard: Any) -> None:
+    model = saga.input_model
+
+    def start(request: Request, data: Any, idempotency_key: str | None = None, callback_url: str | None = None) -> Any:
+        if (refused := guard(request)) is not None:
+            return refused
+        if idempotency_key is not None and "/" in idempotency_key:
+            raise InvalidInput("over HTTP a saga id (Idempotency-Key) cannot contain '/'")
+        saga_id = orch.start(saga, data, saga_id=idempotency_key, notify=callback_url)
+        body = started(saga.name, saga_id)
+        return Response(
+            body.model_dump_json(),
+            status_code=202,
+            media_type="application/json",
+            headers={"Location": body.status_url, "Retry-After": RETRY_AFTER},
+        )
+
+    start.__doc__ = f"Start a {saga.name} saga: ``202 Accepted`` with ``Location`` to poll."
+    # The body's type is this saga's input model, known only now: the signature says so to FastAPI.
+    start.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [
+            inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Request),
+            inspect.Parameter("data", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[model, Body()]),
+            inspect.Parameter(
+                "idempotency_key",
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                default=None,
+                annotation=Annotated[str | None, Header(description="The saga id: a repeat starts nothing")],
+            ),
+            inspect.Parameter(
+                "callback_url",
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                default=None,
+                annotation=Annotated[str | None, Header(description="POST the final status here when it ends")],
+            ),
+        ]
+    )
+    router.add_api_route(
+        f"/sagas/{quote(saga.name, safe='')}",
+        start,
+        methods=["POST"],
+        status_code=202,
+        response_model=Started,
+        responses=responses(401, 409),
+        name=f"start_{saga.name}",
+        tags=["sagas"],
+    )
+
+
+def _prefer_wait(prefer: str | None) -> int:
+    found = _PREFER_WAIT.search(prefer or "")
+    return min(int(found.group(1)), MAX_WAIT) if found else 0
+
+
+def _status_response(status: SagaStatus, *, final: bool, code: int | None = None) -> Response:
+    done = status.state.terminal
+    response = Response(
+        status.model_dump_json(), status_code=code or (200 if done or final else 202), media_type="application/json"
+    )
+    if not done:
+        response.headers["Retry-After"] = RETRY_AFTER
+    return response

@@ -1,0 +1,102 @@
+"""The ASGI application of ``saga serve``: the API, the dashboard, ``/healthz`` and ``/metrics``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+
+from orchestrator.client import Orchestrator
+from orchestrator.errors import OrchestratorError
+from orchestrator.http.api import build_api
+from orchestrator.http.problems import engine_error, http_error, validation_error
+from orchestrator.http.security import LimitBody
+from orchestrator.http.watch import Changes
+
+log = structlog.get_logger("sagaworks.http")
+
+
+class Health(BaseModel):
+    """Whether the service can do its job: the database answers, and how far the projections lag."""
+
+    status: str
+    """``ok``, or ``unavailable`` when the database does not answer."""
+    database: str
+    projections: dict[str, dict[str, float]] = {}
+    """Per projection: ``lag_events`` and ``lag_seconds`` behind the event log."""
+
+
+def create_app(orch: Orchestrator) -> FastAPI:
+    """The API and dashboard of ``orch`` (opened when the app starts, closed when it stops)."""
+    changes = Changes(orch.repository)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        orch.open()
+        changes.start()
+        try:
+            yield
+        finally:
+            changes.stop()
+
+    app = FastAPI(
+        title="sagaworks",
+        summary="Durable sagas: start them, poll them, steer them.",
+        version="0.2.0",
+        lifespan=lifespan,
+    )
+    app.add_exception_handler(OrchestratorError, engine_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.include_router(build_api(orch, changes))
+
+    @app.get("/healthz", response_model=Health, responses={503: {"model": Health}}, tags=["operations"])
+    def healthz() -> Any:
+        """The database answers (``200``) or not (``503``), and the projections' lag."""
+        try:
+            orch.repository.index.status_position()
+        except Exception as error:  # the database is away: say so, do not fail the probe itself
+            body = Health(status="unavailable", database=type(error).__name__)
+            return JSONResponse(body.model_dump(), status_code=503)
+        return Health(status="ok", database="ok", projections=orch.projection_lag())
+
+    @app.get("/metrics", response_class=Response, tags=["operations"])
+    def metrics() -> Response:
+        """Prometheus metrics of this process (text exposition format)."""
+        from orchestrator.metrics import exposition
+
+        body, content_type = exposition(orch)
+        return Response(body, media_type=content_type)
+
+    from orchestrator.http.dashboard import dashboard_router
+
+    app.include_router(dashboard_router(orch))
+    app.middleware("http")(access_log)
+    return _limited(app, orch.settings.max_body_bytes)
+
+
+def _limited(app: FastAPI, limit: int) -> FastAPI:
+    app.add_middleware(LimitBody, limit=limit)
+    return app
+
+
+async def access_log(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    """One line per request: method, path, status, time. Never the body, the query or a header."""
+    began = time.perf_counter()
+    response = await call_next(request)
+    log.info(
+        "request",
+        method=request.method,
+        path=request.url.path,
+        status=response.status_code,
+        ms=round((time.perf_counter() - began) * 1000, 1),
+    )
+    return response
