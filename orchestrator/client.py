@@ -7,7 +7,8 @@ read models reach storage through the repository, never through this object's in
 from __future__ import annotations
 
 import builtins
-import time
+import os
+import socket
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from types import TracebackType
@@ -16,13 +17,20 @@ from typing import Any
 from eventsourcing.persistence import IntegrityError
 from pydantic import BaseModel
 
+from orchestrator import metrics
 from orchestrator.aggregate import SagaAggregate, aggregate_id
 from orchestrator.definition import Saga
-from orchestrator.errors import InvalidInput, InvalidTransition, SagaAlreadyStarted, SagaNotFound, UnexpectedEvent
-from orchestrator.readmodels.history import HistoryEvent, history_entries
-from orchestrator.readmodels.listing import MAX_PAGE, Filters, SagaPage, encode_cursor
-from orchestrator.readmodels.status import SagaStatus, status_of
-from orchestrator.readmodels.timeline import TimelineEntry, timeline_of
+from orchestrator.errors import (
+    DefinitionError,
+    InvalidInput,
+    InvalidTransition,
+    SagaAlreadyStarted,
+    SagaNotFound,
+    UnexpectedEvent,
+)
+from orchestrator.following import Follower, Log
+from orchestrator.notify import Notifications
+from orchestrator.reads import Reads
 from orchestrator.registry import Registry, SagaRef
 from orchestrator.repository import Repository
 from orchestrator.safety import check_saga_id, check_text, event_payload, short
@@ -35,13 +43,17 @@ COMMAND_OUTAGES = 3
 """Transient storage errors a command waits out (about 1.4 s in all) before it reports one."""
 
 
+def _process_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def utcnow() -> datetime:
     """The current time, timezone-aware (UTC)."""
     return datetime.now(UTC)
 
 
-class Orchestrator:
-    """Starts sagas, delivers events to them, answers about them, and runs workers.
+class Orchestrator(Reads):
+    """Starts sagas, delivers events to them, answers about them (``Reads``), and runs workers.
 
     ``database`` is a URL (``sqlite:///path``, ``postgresql://...``, ``memory://``); without
     it ``settings.database_url`` is used, which ``Settings.from_env()`` reads from
@@ -54,12 +66,24 @@ class Orchestrator:
         database: str | None = None,
         *,
         settings: Settings | None = None,
+        projections: Iterable[Follower] = (),
     ) -> None:
         self.settings = settings or Settings.from_env()
         self.database: Database = parse_database_url(database or self.settings.database_url)
         self.registry = Registry(sagas)
         self.repository = Repository(self.database)
-        self.side_tasks: builtins.list[SideTask] = []
+        self.projections: dict[str, Follower] = {}
+        """The read models users write (``projections.Projection``), by name."""
+        for projection in projections:
+            self.add_projection(projection)
+        self.log = Log(self.repository)
+        """Reads the event log for the followers (projections, notifications)."""
+        secret = self.settings.notify_secret.get_secret_value() if self.settings.notify_secret else None
+        self.notifications = Notifications(
+            self.repository, self.registry, secret, _process_id(), self.settings.lease_seconds
+        )
+        """Queues and delivers completion notifications (run by every worker, between rounds)."""
+        self.side_tasks: builtins.list[SideTask] = [self.notifications]
         """Tasks every worker of this orchestrator runs between rounds (schedulers, notifiers)."""
 
     # Lifecycle
@@ -67,6 +91,23 @@ class Orchestrator:
     def register(self, saga: type[Saga[Any]]) -> None:
         """Add a saga class to the registry (explicitly: importing a module registers nothing)."""
         self.registry.register(saga)
+
+    def add_projection(self, projection: Follower) -> None:
+        """Register a read model to keep from the log (``saga projections run`` keeps them current)."""
+        known = self.projections.get(projection.name)
+        if known is not None and known is not projection:
+            raise DefinitionError(f"two projections are named {projection.name!r}")
+        self.projections[projection.name] = projection
+
+    def run_projections(self) -> int:
+        """Bring every registered projection up to the end of the log now; batches recorded."""
+        with self.repository.translating("running projections"):
+            return sum(self.log.drain(projection) for projection in self.projections.values())
+
+    def rebuild_projection(self, name: str) -> int:
+        """Drop a projection's rows and position and replay the whole log into it; batches recorded."""
+        with self.repository.translating("rebuilding a projection"):
+            return self.log.rebuild(self._projection(name))
 
     def open(self) -> Orchestrator:
         """Open storage (creating or migrating its schema if needed). ``with orch:`` does this."""
@@ -117,6 +158,7 @@ class Orchestrator:
         try:
             with self.repository.translating("starting a saga"):
                 self.repository.save([aggregate])
+            metrics.SAGAS_STARTED.labels(saga_class.name).inc()
         except IntegrityError:
             # Either started before, or our own commit landed and its acknowledgement was lost.
             existing = self._load(aggregate.run.saga_id)
@@ -156,6 +198,7 @@ class Orchestrator:
         try:
             with self.repository.translating("starting sagas"):
                 self.repository.save(aggregates)
+            metrics.SAGAS_STARTED.labels(saga_class.name).inc(len(aggregates))
         except IntegrityError:  # some were started before: settle each as start() does
             return [self.start(saga_class, a.run.input, saga_id=a.run.saga_id, start_at=start_at) for a in aggregates]
         return [a.run.saga_id for a in aggregates]
@@ -247,131 +290,7 @@ class Orchestrator:
         except SagaNotFound:
             raise SagaNotFound(f"no saga with id {short(saga_id)}") from None
 
-    # Queries
-
-    def status(self, saga_id: str) -> SagaStatus:
-        """The saga's status, from the status read model (current as soon as ``start`` returns)."""
-        with self.repository.translating("reading a status"):
-            doc = self.repository.index.get_status(aggregate_id(check_saga_id(saga_id)))
-        if doc is None:
-            raise SagaNotFound(f"no saga with id {short(saga_id)}")
-        return SagaStatus.model_validate_json(doc)
-
-    def wait(self, saga_id: str, timeout: float | None = None) -> SagaStatus:
-        """Block until the saga is terminal and return its status; ``TimeoutError`` after ``timeout`` s.
-
-        Waiting runs nothing: a worker (``run_worker`` or ``saga worker``) must be running.
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pause = 0.01
-        while True:
-            status = self.status(saga_id)
-            if status.state.terminal:
-                return status
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"saga {short(saga_id)} is still {status.state.value} after {timeout} s")
-            time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic())))
-            pause = min(pause * 2, 0.2)
-
-    def list(
-        self,
-        state: SagaState | str | None = None,
-        saga: SagaRef | None = None,
-        limit: int | None = None,
-        **filters: Any,
-    ) -> builtins.list[SagaStatus]:
-        """Sagas, most recently updated first: all that match, or the first ``limit``.
-
-        Filters: ``state``, ``saga``, ``created_after``/``created_before``,
-        ``updated_after``/``updated_before`` (aware datetimes), ``search={"field": value}`` (input
-        fields the saga class declares in ``search``). ``page`` gives them a page at a time.
-        """
-        found: builtins.list[SagaStatus] = []
-        cursor = None
-        while True:
-            size = MAX_PAGE if limit is None else min(MAX_PAGE, limit - len(found))
-            page = self.page(state, saga, limit=size, cursor=cursor, **filters)
-            found += page.items
-            cursor = page.next_cursor
-            if cursor is None or (limit is not None and len(found) >= limit):
-                return found
-
-    def page(
-        self,
-        state: SagaState | str | None = None,
-        saga: SagaRef | None = None,
-        *,
-        limit: int = 50,
-        cursor: str | None = None,
-        **filters: Any,
-    ) -> SagaPage:
-        """One page of ``list``: up to ``limit`` sagas (at most 1000) and the cursor of the next page."""
-        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_PAGE:
-            raise InvalidInput(f"limit must be an integer from 1 to {MAX_PAGE}, not {short(limit)}")
-        query = self._filters(state, saga, filters).query(cursor)
-        with self.repository.translating("listing sagas"):
-            docs = self.repository.index.list_status(query, limit + 1)
-        items = [SagaStatus.model_validate_json(doc) for doc in docs[:limit]]
-        return SagaPage(items=items, next_cursor=encode_cursor(items[-1]) if len(docs) > limit else None)
-
-    def counts(
-        self, state: SagaState | str | None = None, saga: SagaRef | None = None, **filters: Any
-    ) -> dict[str, dict[str, int]]:
-        """How many sagas there are by saga name and state (with the filters of ``list``)."""
-        query = self._filters(state, saga, filters).query()
-        with self.repository.translating("counting sagas"):
-            rows = self.repository.index.count_status(query)
-        counts: dict[str, dict[str, int]] = {}
-        for name, state_, n in rows:
-            counts.setdefault(name, {})[state_] = n
-        return counts
-
-    def _filters(self, state: SagaState | str | None, saga: SagaRef | None, filters: dict[str, Any]) -> Filters:
-        name = None if saga is None else self.registry.saga_class(saga).name
-        try:
-            return Filters(state=state, saga=name, **filters)
-        except TypeError:
-            known = "created_after, created_before, updated_after, updated_before, search"
-            raise InvalidInput(f"unknown filter among {', '.join(filters)}; filters are {known}") from None
-
-    def status_at(self, saga_id: str, when: datetime) -> SagaStatus:
-        """The saga's status as it was at ``when`` (an aware datetime), folded from its history."""
-        if not isinstance(when, datetime) or when.utcoffset() is None:
-            raise InvalidInput(f"when must be a timezone-aware datetime, not {short(when)}")
-        with self.repository.translating("reading a history"):
-            events = self.repository.events(aggregate_id(check_saga_id(saga_id)))
-        if not events:
-            raise SagaNotFound(f"no saga with id {short(saga_id)}")
-        aggregate: Any = None
-        for event in events:
-            if event.timestamp > when:
-                break
-            aggregate = event.mutate(aggregate)
-        if aggregate is None:
-            raise SagaNotFound(f"saga {short(saga_id)} was started after {when.isoformat()}")
-        return status_of(aggregate.run)
-
-    def timeline(self, saga_id: str) -> builtins.list[TimelineEntry]:
-        """Every attempt of every step, compensation and wait of the saga, in order, with its timing."""
-        with self.repository.translating("reading a history"):
-            events = self.repository.events(aggregate_id(check_saga_id(saga_id)))
-        if not events:
-            raise SagaNotFound(f"no saga with id {short(saga_id)}")
-        return timeline_of(events)
-
-    def history(self, saga_id: str) -> builtins.list[HistoryEvent]:
-        """The saga's events in order: its whole life, the truth everything else derives from."""
-        with self.repository.translating("reading a history"):
-            events = self.repository.events(aggregate_id(check_saga_id(saga_id)))
-        if not events:
-            raise SagaNotFound(f"no saga with id {short(saga_id)}")
-        return history_entries(events)
-
-    def projection_lag(self) -> dict[str, dict[str, float]]:
-        """How far each registered projection is behind the event log: ``lag_events``, ``lag_seconds``."""
-        return {}
-
-    # Workers
+    # Workers and followers
 
     def run_worker(self, wait: bool = True, **options: Any) -> int:
         """Run steps: with ``wait=False`` drain what is runnable now and return; else run until

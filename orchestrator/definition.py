@@ -64,6 +64,9 @@ class Saga(Generic[InputT], metaclass=_SagaMeta):
     input_model: ClassVar[type[BaseModel]]
     search: ClassVar[list[str]] = []
     """Input fields the list filters can match (``orch.list(search={"employee": "ada"})``)."""
+    on_finished: ClassVar[Any] = None
+    """Define ``def on_finished(self, status: SagaStatus)`` (or ``async def``) to be told, at least once,
+    when a saga of this class ends; it runs in a worker, retried with backoff while it raises."""
     nodes: ClassVar[tuple[Node, ...]]
 
     step_map: ClassVar[dict[str, StepDef]]
@@ -110,6 +113,8 @@ class Saga(Generic[InputT], metaclass=_SagaMeta):
             )
         cls.nodes = _collect_nodes(cls)
         cls.step_map = {node.name: node for node in cls.nodes if isinstance(node, StepDef)}
+        if cls.on_finished is not None:
+            _check_call(cls, cls.on_finished, "completion hook", ("self", "status"))
 
     def emit(self, event: BaseModel | dict[str, Any], *, name: str | None = None) -> None:
         """Record a domain event atomically with this step's outcome (dropped if the attempt fails)."""

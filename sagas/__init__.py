@@ -12,6 +12,7 @@ from typing import Any
 from orchestrator import Orchestrator, Saga
 from sagas.expense import Expense, ExpenseClaim
 from sagas.orders import FulfilOrder, Item, Order
+from sagas.reports import ApprovedExpenses
 from sagas.trip import BookTrip, Trip
 
 CATALOGUE: list[type[Saga[Any]]] = [ExpenseClaim, BookTrip, FulfilOrder]
@@ -19,8 +20,8 @@ CATALOGUE: list[type[Saga[Any]]] = [ExpenseClaim, BookTrip, FulfilOrder]
 
 
 def build_orchestrator(database: str | None = None) -> Orchestrator:
-    """An orchestrator for the catalogue; ``database`` defaults to the ``SAGA_DATABASE_URL`` setting."""
-    return Orchestrator(sagas=CATALOGUE, database=database)
+    """An orchestrator for the catalogue and its read models; ``database`` defaults to ``SAGA_DATABASE_URL``."""
+    return Orchestrator(sagas=CATALOGUE, database=database, projections=[ApprovedExpenses()])
 
 
 def app() -> Orchestrator:
@@ -39,4 +40,5 @@ __all__ = [
     "FulfilOrder",
     "Order",
     "Item",
+    "ApprovedExpenses",
 ]

@@ -7,7 +7,7 @@ from datetime import datetime
 import click
 
 from orchestrator.cli.app import app_of, app_option
-from orchestrator.cli.console import echo, echo_json, read_json_argument, status_table
+from orchestrator.cli.console import echo, echo_json, read_json_argument, status_table, timeline_table
 from orchestrator.safety import short
 
 
@@ -126,4 +126,19 @@ def retry(ctx: click.Context, app_spec: str | None, saga_id: str) -> None:
     echo(f"retrying {short(saga_id)}")
 
 
-COMMANDS = [start, status, list_, history, send, cancel, resolve, retry]
+@click.command()
+@click.argument("saga_id")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@app_option
+@click.pass_context
+def timeline(ctx: click.Context, app_spec: str | None, saga_id: str, as_json: bool) -> None:
+    """Print every attempt of every step, compensation, wait and notification, with its timing."""
+    entries = app_of(ctx, app_spec).timeline(saga_id)
+    if as_json:
+        for entry in entries:
+            echo_json(entry.model_dump_json())
+        return
+    click.echo(timeline_table(entries))  # cells are escaped
+
+
+COMMANDS = [start, status, list_, history, timeline, send, cancel, resolve, retry]

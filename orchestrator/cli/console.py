@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from orchestrator.readmodels.status import SagaStatus
+from orchestrator.readmodels.timeline import TimelineEntry
 from orchestrator.safety import escape, short
 
 
@@ -68,6 +69,28 @@ def status_table(statuses: Sequence[SagaStatus]) -> str:
                 str(sum(step.attempts + step.compensation_attempts for step in s.steps)),
                 s.updated_at.strftime("%H:%M:%S"),
                 _cell(s.problem or s.error or "", 90),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1] for row in rows
+    ).rstrip()
+
+
+def timeline_table(entries: Sequence[TimelineEntry]) -> str:
+    """A plain-text table of a saga's attempts, one line each."""
+    rows = [("KIND", "NAME", "#", "STARTED", "MS", "OUTCOME", "WORKER", "ERROR")]
+    for e in entries:
+        rows.append(
+            (
+                e.kind,
+                _cell(e.name, 40),
+                str(e.attempt),
+                e.started_at.strftime("%H:%M:%S.%f")[:-3],
+                "-" if e.duration_ms is None else f"{e.duration_ms:.1f}",
+                e.outcome,
+                _cell(e.worker or "-", 30),
+                _cell(e.error or "", 80),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import Any
@@ -16,14 +17,28 @@ from orchestrator.logging import configure_logging
 @click.option("--concurrency", type=click.IntRange(1), default=None, help="Attempts run at once.")
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="Sagas claimed per transaction.")
 @click.option("--drain", is_flag=True, help="Run what is runnable now, then exit.")
+@click.option(
+    "--metrics-port", type=click.IntRange(1, 65535), default=None, help="Serve Prometheus metrics on this port."
+)
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address of the metrics server.")
 @app_option
 @click.pass_context
 def worker(
-    ctx: click.Context, app_spec: str | None, concurrency: int | None, batch_size: int | None, drain: bool
+    ctx: click.Context,
+    app_spec: str | None,
+    concurrency: int | None,
+    batch_size: int | None,
+    drain: bool,
+    metrics_port: int | None,
+    metrics_host: str,
 ) -> None:
     """Run a worker until SIGTERM/SIGINT; it then finishes the attempts in hand and exits."""
     # The worker opens storage itself, waiting with backoff while the database is away.
     orch = app_of(ctx, app_spec, opened=False)
+    if metrics_port is not None:
+        from orchestrator import metrics
+
+        metrics.serve(orch, metrics_port, metrics_host)
     if orch.run_worker(wait=not drain, concurrency=concurrency, batch_size=batch_size):
         # Hung steps whose threads never returned: the interpreter would wait for them at exit,
         # forever; their leases hand the attempts to other workers.
@@ -39,31 +54,44 @@ def projections() -> None:
 
 
 @projections.command()
+@click.argument("name", required=False)
 @app_option
 @click.pass_context
-def rebuild(ctx: click.Context, app_spec: str | None) -> None:
-    """Rebuild the saga-status read model from the event histories."""
+def rebuild(ctx: click.Context, app_spec: str | None, name: str | None) -> None:
+    """Rebuild a projection NAME from the whole event log (without NAME: the saga-status read model)."""
     from projections.status import StatusProjection
 
-    progress = StatusProjection(app_of(ctx, app_spec)).rebuild()
+    orch = app_of(ctx, app_spec)
+    if name is not None:
+        batches = orch.rebuild_projection(name)
+        click.echo(f"rebuilt projection {name}: {batches} batches; {len(orch.projection(name))} rows")
+        return
+    progress = StatusProjection(orch).rebuild()
     click.echo(f"rebuilt saga status: {progress.sagas} sagas from {progress.notifications} events")
 
 
 @projections.command()
-@click.option("--poll-interval", type=float, default=1.0, show_default=True)
+@click.option("--poll-interval", type=click.FloatRange(0.01), default=1.0, show_default=True)
 @app_option
 @click.pass_context
 def run(ctx: click.Context, app_spec: str | None, poll_interval: float) -> None:
-    """Keep the read models caught up with the histories until SIGTERM/SIGINT."""
+    """Keep the registered projections current until SIGTERM/SIGINT (one runner per database)."""
     import signal
-    import threading
 
-    from projections.status import StatusProjection
+    from projections.runner import ProjectionRunner
 
-    stop = threading.Event()
+    runner = ProjectionRunner(app_of(ctx, app_spec), poll_interval=poll_interval)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    StatusProjection(app_of(ctx, app_spec)).run_forever(stop, poll_interval)
+        signal.signal(sig, lambda *_: runner.stop())
+    runner.run()
+
+
+@projections.command(name="lag")
+@app_option
+@click.pass_context
+def lag(ctx: click.Context, app_spec: str | None) -> None:
+    """Print how far each projection is behind the event log, as JSON."""
+    click.echo(json.dumps(app_of(ctx, app_spec).projection_lag(), indent=2))
 
 
 @click.command()

@@ -124,7 +124,7 @@ def build_api(orch: Orchestrator, changes: Changes) -> APIRouter:
             return refused
         raise UnknownSaga(f"unknown saga {name[:60]!r}; registered sagas: {', '.join(sorted(orch.sagas)) or 'none'}")
 
-    @router.get("/sagas", response_model=SagaList, responses=responses(), tags=["sagas"])
+    @router.get("/sagas", response_model=SagaList, responses=responses(404), tags=["sagas"])
     def list_sagas(
         request: Request,
         state: SagaState | None = None,
@@ -156,7 +156,7 @@ def build_api(orch: Orchestrator, changes: Changes) -> APIRouter:
             response.headers["Link"] = f'<{nxt}>; rel="next"'
         return response
 
-    @router.get("/sagas/counts", response_model=Counts, responses=responses(), tags=["sagas"])
+    @router.get("/sagas/counts", response_model=Counts, responses=responses(404), tags=["sagas"])
     def count_sagas(saga: str | None = None, state: SagaState | None = None) -> Counts:
         """How many sagas there are per saga name and state."""
         counts = orch.counts(state, saga)

@@ -17,8 +17,8 @@ from starlette.exceptions import HTTPException
 from orchestrator.client import Orchestrator
 from orchestrator.errors import OrchestratorError
 from orchestrator.http.api import build_api
-from orchestrator.http.problems import engine_error, http_error, validation_error
-from orchestrator.http.security import LimitBody
+from orchestrator.http.problems import engine_error, http_error, problem_media_type, validation_error
+from orchestrator.http.security import BodyTooLarge, LimitBody, RequireToken, too_large
 from orchestrator.http.watch import Changes
 
 log = structlog.get_logger("sagaworks.http")
@@ -35,7 +35,7 @@ class Health(BaseModel):
 
 
 def create_app(orch: Orchestrator) -> FastAPI:
-    """The API and dashboard of ``orch`` (opened when the app starts, closed when it stops)."""
+    """The API and dashboard of ``orch``, opened when the app starts (whoever made ``orch`` closes it)."""
     changes = Changes(orch.repository)
 
     @asynccontextmanager
@@ -53,9 +53,17 @@ def create_app(orch: Orchestrator) -> FastAPI:
         version="0.2.0",
         lifespan=lifespan,
     )
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = problem_media_type(FastAPI.openapi(app))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.add_exception_handler(OrchestratorError, engine_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(BodyTooLarge, too_large)
     app.include_router(build_api(orch, changes))
 
     @app.get("/healthz", response_model=Health, responses={503: {"model": Health}}, tags=["operations"])
@@ -79,12 +87,13 @@ def create_app(orch: Orchestrator) -> FastAPI:
     from orchestrator.http.dashboard import dashboard_router
 
     app.include_router(dashboard_router(orch))
+    # Outermost first: the access log, the token (before any body is read), the body limit. The limit
+    # sits inside the log so that a body found too large while the app reads it reaches FastAPI as
+    # raised, not wrapped by the log middleware's task group (which would make it a 400).
+    app.add_middleware(LimitBody, limit=orch.settings.max_body_bytes)
+    token = orch.settings.api_token
+    app.add_middleware(RequireToken, token=token.get_secret_value() if token else None)
     app.middleware("http")(access_log)
-    return _limited(app, orch.settings.max_body_bytes)
-
-
-def _limited(app: FastAPI, limit: int) -> FastAPI:
-    app.add_middleware(LimitBody, limit=limit)
     return app
 
 

@@ -84,6 +84,18 @@ def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {**COMMON, **extra}
 
 
+def problem_media_type(openapi: dict[str, Any]) -> dict[str, Any]:
+    """``openapi`` with each problem response's schema under ``application/problem+json``, the type
+    these responses have (FastAPI puts a response model's schema under ``application/json``)."""
+    for operations in openapi.get("paths", {}).values():
+        for operation in operations.values():
+            for response in operation.get("responses", {}).values():
+                content = response.get("content", {})
+                if PROBLEM in content and "schema" in content.get("application/json", {}):
+                    response["content"] = {PROBLEM: content["application/json"]}
+    return openapi
+
+
 def problem(status: int, slug: str, title: str, detail: str | None, request: Request, **extra: Any) -> JSONResponse:
     """A problem response."""
     body = Problem(

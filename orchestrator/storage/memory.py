@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -9,11 +10,12 @@ from typing import Any
 from uuid import UUID
 
 import orjson
-from eventsourcing.persistence import StoredEvent
-from eventsourcing.popo import POPOApplicationRecorder
+from eventsourcing.persistence import StoredEvent, Tracking
+from eventsourcing.popo import POPOProcessRecorder
 
 from orchestrator.storage.ports import (
     Claim,
+    Delivery,
     IndexEntry,
     SagaIndex,
     StatusQuery,
@@ -23,14 +25,17 @@ from orchestrator.storage.ports import (
 )
 
 
-class MemoryRecorder(SagaIndex, POPOApplicationRecorder):
-    """POPO recorder that keeps the work and status tables in dicts, under the store's lock."""
+class MemoryRecorder(SagaIndex, POPOProcessRecorder):
+    """POPO recorder that keeps the work, status, projection and delivery tables in dicts, under the
+    store's lock, and the followers' tracking records in the library's own."""
 
     def __init__(self) -> None:
         super().__init__()
         self.work: dict[UUID, list[Any]] = {}  # [due_at, version, lease_owner, lease_until, failures]
         self.status: dict[UUID, IndexEntry] = {}
         self.problems: dict[UUID, tuple[int, str]] = {}  # (version, problem)
+        self.projection_rows: dict[str, dict[str, bytes]] = {}
+        self.deliveries: dict[UUID, dict[str, Any]] = {}
         self.position: int | None = None
 
     def _insert_events(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
@@ -147,6 +152,77 @@ class MemoryRecorder(SagaIndex, POPOApplicationRecorder):
                     self.problems.pop(entry.saga_uuid, None)
             if position is not None and (self.position is None or position > self.position):
                 self.position = position
+
+    # Followers
+
+    def tracked(self, name: str) -> int | None:
+        return self.max_tracking_id(name)
+
+    def advance(self, tracking: Tracking) -> None:
+        self.insert_tracking(tracking)
+
+    def write_rows(self, projection: str, rows: dict[str, bytes | None], tracking: Tracking) -> None:
+        with self._database_lock:
+            self._assert_tracking_uniqueness(tracking)  # first: a refused record writes nothing
+            table = self.projection_rows.setdefault(projection, {})
+            for key, doc in rows.items():
+                if doc is None:
+                    table.pop(key, None)
+                else:
+                    table[key] = doc
+            self._insert_tracking(tracking)
+
+    def read_rows(self, projection: str, keys: list[str] | None = None) -> dict[str, bytes]:
+        with self._database_lock:
+            table = self.projection_rows.get(projection, {})
+            return dict(table) if keys is None else {k: table[k] for k in keys if k in table}
+
+    def reset_follower(self, name: str, projection: str | None = None) -> None:
+        with self._database_lock:
+            if projection is not None:
+                self.projection_rows.pop(projection, None)
+            self._max_tracking_ids.pop(name, None)
+
+    def add_deliveries(self, deliveries: list[Delivery], due_at: datetime, tracking: Tracking) -> None:
+        with self._database_lock:
+            self._assert_tracking_uniqueness(tracking)
+            for d in deliveries:
+                self.deliveries.setdefault(
+                    d.delivery_id, {"delivery": d, "due_at": due_at, "owner": None, "until": None}
+                )
+            self._insert_tracking(tracking)
+
+    def claim_deliveries(self, owner: str, now: datetime, lease_until: datetime, limit: int) -> list[Delivery]:
+        with self._database_lock:
+            due = sorted(
+                (row["due_at"], key)
+                for key, row in self.deliveries.items()
+                if row["due_at"] is not None and row["due_at"] <= now and (row["until"] is None or row["until"] < now)
+            )[:limit]
+            for _, key in due:
+                row = self.deliveries[key]
+                claimed = dataclasses.replace(row["delivery"], attempts=row["delivery"].attempts + 1)
+                row.update(owner=owner, until=lease_until, delivery=claimed)
+            return [self.deliveries[key]["delivery"] for _, key in due]
+
+    def finish_delivery(
+        self,
+        delivery: Delivery,
+        owner: str,
+        *,
+        due_at: datetime | None,
+        delivered_at: datetime | None,
+        error: str | None,
+    ) -> None:
+        with self._database_lock:
+            row = self.deliveries.get(delivery.delivery_id)
+            if row is not None and row["owner"] == owner:
+                row.update(delivery=delivery, due_at=due_at, owner=None, until=None)
+
+    def deliveries_of(self, saga_uuid: UUID) -> list[Delivery]:
+        with self._database_lock:
+            found = [row["delivery"] for row in self.deliveries.values() if row["delivery"].saga_uuid == saga_uuid]
+        return sorted(found, key=lambda d: (d.kind, d.target))
 
     def select_events_many(self, saga_uuids: list[UUID]) -> list[StoredEvent]:
         return [event for uuid in saga_uuids for event in self.select_events(uuid)]

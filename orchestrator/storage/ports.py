@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from uuid import UUID
 
 import orjson
-from eventsourcing.persistence import StoredEvent
+from eventsourcing.persistence import StoredEvent, Tracking
 
 APPLICATION_NAME = "orchestrator"
 """The eventsourcing application's name: its events table, NOTIFY channel and tracking rows."""
@@ -58,6 +58,24 @@ class StatusQuery:
     """Searchable input fields that must equal these values."""
     after: tuple[datetime, UUID] | None = None
     """Keyset paging: only rows that come after this (updated_at, saga_uuid) in the list's order."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A completion notification: what to send where, and how its attempts went."""
+
+    delivery_id: UUID
+    saga_uuid: UUID
+    saga_id: str
+    saga: str
+    kind: str
+    """``url`` (a signed POST to ``target``) or ``hook`` (the saga class's ``on_finished``)."""
+    target: str
+    body: bytes
+    """The final ``SagaStatus`` as JSON: what is sent."""
+    attempts: int = 0
+    log: tuple[dict[str, Any], ...] = ()
+    """One entry per attempt: started_at, ended_at, worker, outcome, error."""
 
 
 @dataclass(frozen=True)
@@ -175,6 +193,54 @@ class SagaIndex(ABC):
 
         A row is never replaced by one of an earlier version (an equal one may be rewritten).
         """
+
+    # Followers of the event log: each write goes with the follower's tracking record, in one
+    # transaction (the library's tracking table: a high-water mark per follower name).
+
+    @abstractmethod
+    def tracked(self, name: str) -> int | None:
+        """The last notification the follower ``name`` has processed."""
+
+    @abstractmethod
+    def advance(self, tracking: Tracking) -> None:
+        """Record that a follower has passed ``tracking`` with nothing to write (``IntegrityError``
+        if it already had)."""
+
+    @abstractmethod
+    def write_rows(self, projection: str, rows: dict[str, bytes | None], tracking: Tracking) -> None:
+        """Put (``None``: delete) a projection's rows, with its tracking record, in one transaction."""
+
+    @abstractmethod
+    def read_rows(self, projection: str, keys: list[str] | None = None) -> dict[str, bytes]:
+        """A projection's rows by key (all of them when ``keys`` is ``None``)."""
+
+    @abstractmethod
+    def reset_follower(self, name: str, projection: str | None = None) -> None:
+        """Forget a follower's position (and a projection's rows), for a rebuild from the start."""
+
+    @abstractmethod
+    def add_deliveries(self, deliveries: list[Delivery], due_at: datetime, tracking: Tracking) -> None:
+        """Queue notifications (one already queued for its saga and target is kept), with tracking."""
+
+    @abstractmethod
+    def claim_deliveries(self, owner: str, now: datetime, lease_until: datetime, limit: int) -> list[Delivery]:
+        """Lease up to ``limit`` notifications that are due."""
+
+    @abstractmethod
+    def finish_delivery(
+        self,
+        delivery: Delivery,
+        owner: str,
+        *,
+        due_at: datetime | None,
+        delivered_at: datetime | None,
+        error: str | None,
+    ) -> None:
+        """Record an attempt (``delivery.log`` has it last): delivered, due again at ``due_at``, or given up."""
+
+    @abstractmethod
+    def deliveries_of(self, saga_uuid: UUID) -> list[Delivery]:
+        """The notifications of one saga, with their attempts."""
 
 
 def set_aside_delay(failures: int) -> timedelta:

@@ -13,8 +13,8 @@ from uuid import UUID
 
 import orjson
 import psycopg
-from eventsourcing.persistence import StoredEvent
-from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
+from eventsourcing.persistence import StoredEvent, Tracking
+from eventsourcing.postgres import PostgresDatastore, PostgresProcessRecorder
 from psycopg.rows import DictRow, tuple_row
 from psycopg.sql import SQL, Composable, Composed, Identifier
 
@@ -108,22 +108,31 @@ def _sql(statement: str, schema: str, **names: str | Composable) -> Composed:
     return SQL(statement).format(schema=Identifier(schema), **parts)
 
 
-class PostgresIndexRecorder(SqlIndex, PostgresApplicationRecorder):
-    """PostgreSQL recorder that writes the work and status rows in the events' transaction."""
+class PostgresIndexRecorder(SqlIndex, PostgresProcessRecorder):
+    """PostgreSQL recorder that writes the work and status rows in the events' transaction, and the
+    tracking records of the log's followers (the library's process recorder: events + tracking)."""
 
     queries = QUERIES
 
     def __init__(self, datastore: PostgresDatastore, **kwargs: Any) -> None:
+        kwargs.setdefault("tracking_table_name", f"{APPLICATION_NAME}_tracking")
         super().__init__(datastore, **kwargs)
         self.schema_name = self.datastore.schema
-        self.compiled = {name: self._compile(text) for name, text in QUERIES.named.items() if "{where}" not in text}
+        # Queries with a slot the index fills per call (a WHERE clause, a table) are compiled per call.
+        static = {
+            name: text for name, text in QUERIES.named.items() if "{where}" not in text and "{tracking}" not in text
+        }
+        self.compiled = {name: self._compile(text) for name, text in static.items()}
         self.insert_events_statement = self.compiled["insert_events"]
         self.own_pids: set[int] = set()
         """Server pids of this process's connections that wrote events: their NOTIFYs are our own."""
 
     def _compile(self, text: str, **fragments: str) -> Composed:
-        # Fragments are SQL the index itself builds (a WHERE clause of fixed columns), never input.
-        pieces: dict[str, Composable] = {name: SQL(fragment) for name, fragment in fragments.items()}
+        # Fragments are SQL the index itself builds (a WHERE clause of fixed columns), never input;
+        # a table name goes in as an identifier.
+        pieces: dict[str, Composable] = {
+            name: Identifier(fragment) if name == "tracking" else SQL(fragment) for name, fragment in fragments.items()
+        }
         return _sql(text, self.schema_name, events=self.events_table_name, **pieces)
 
     # The dialect
@@ -164,6 +173,24 @@ class PostgresIndexRecorder(SqlIndex, PostgresApplicationRecorder):
     def upsert_status(self, cursor: Cursor, entries: Sequence[IndexEntry]) -> None:
         assert isinstance(cursor, psycopg.Cursor)
         cursor.execute(self.compiled["upsert_status"], _status_columns(entries), prepare=True)
+
+    def track(self, cursor: Cursor, tracking: Tracking) -> None:
+        assert isinstance(cursor, psycopg.Cursor)
+        cursor.row_factory = psycopg.rows.dict_row  # the library's insert reads its row by name
+        self._insert_tracking(cursor, tracking)
+
+    def tracking_table(self) -> str:
+        return self.tracking_table_name
+
+    def tracked(self, name: str) -> int | None:
+        position = self.max_tracking_id(name)
+        return None if position is None else int(position)
+
+    def keys_param(self, keys: list[str]) -> dict[str, Any]:
+        return {"keys": keys}
+
+    def keys_slot(self, keys: list[str]) -> str:
+        return ""
 
     # Writes in the events' transaction
 

@@ -17,8 +17,12 @@ from importlib import resources
 from typing import Any, Protocol
 from uuid import UUID
 
+import orjson
+from eventsourcing.persistence import Tracking
+
 from orchestrator.storage.ports import (
     APPLICATION_NAME,
+    Delivery,
     IndexEntry,
     SagaIndex,
     StatusQuery,
@@ -201,9 +205,127 @@ class SqlIndex(SagaIndex):
     def upsert_status(self, cursor: Cursor, entries: Sequence[IndexEntry]) -> None:
         """Upsert the status rows of ``entries`` (the ``upsert_status`` query, batched as the dialect can)."""
 
+    @abstractmethod
+    def track(self, cursor: Cursor, tracking: Tracking) -> None:
+        """Insert a follower's tracking record in this transaction (the library's, on its tracking table)."""
+
+    @abstractmethod
+    def tracking_table(self) -> str:
+        """The name of the library's tracking table, as this dialect writes it in a query."""
+
+    # Followers
+
+    def advance(self, tracking: Tracking) -> None:
+        with self.transaction(commit=True) as cursor:
+            self.track(cursor, tracking)
+
+    def write_rows(self, projection: str, rows: dict[str, bytes | None], tracking: Tracking) -> None:
+        with self.transaction(commit=True) as cursor:
+            for key, doc in rows.items():
+                if doc is None:
+                    self.run(cursor, "rows_delete", {"projection": projection, "key": key})
+                else:
+                    self.run(cursor, "rows_put", {"projection": projection, "key": key, "doc": doc.decode()})
+            self.track(cursor, tracking)
+
+    def read_rows(self, projection: str, keys: list[str] | None = None) -> dict[str, bytes]:
+        with self.transaction(commit=False) as cursor:
+            if keys is None:
+                found = self.rows(cursor, "rows_all", {"projection": projection})
+            elif not keys:
+                return {}
+            else:
+                found = self.rows(
+                    cursor, "rows_get", {"projection": projection, **self.keys_param(keys)}, keys=self.keys_slot(keys)
+                )
+        return {key: _bytes(doc) for key, doc in found}
+
+    def reset_follower(self, name: str, projection: str | None = None) -> None:
+        with self.transaction(commit=True) as cursor:
+            if projection is not None:
+                self.run(cursor, "rows_reset", {"projection": projection})
+            cursor.execute(self.query("tracking_reset", tracking=self.tracking_table()), {"name": name})
+
+    def add_deliveries(self, deliveries: list[Delivery], due_at: datetime, tracking: Tracking) -> None:
+        with self.transaction(commit=True) as cursor:
+            for d in deliveries:
+                params = {
+                    "delivery_id": self.key(d.delivery_id),
+                    "saga_uuid": self.key(d.saga_uuid),
+                    "saga_id": d.saga_id,
+                    "saga": d.saga,
+                    "kind": d.kind,
+                    "target": d.target,
+                    "body": d.body,
+                    "due_at": self.moment(due_at),
+                }
+                self.run(cursor, "delivery_add", params)
+            self.track(cursor, tracking)
+
+    def claim_deliveries(self, owner: str, now: datetime, lease_until: datetime, limit: int) -> list[Delivery]:
+        params = {"owner": owner, "until": self.moment(lease_until), "now": self.moment(now), "limit": limit}
+        with self.transaction(commit=False) as cursor:
+            if not self.rows(cursor, "delivery_due", {"now": params["now"]}):
+                return []
+        with self.transaction(commit=True) as cursor:
+            return [self._delivery(row) for row in self.rows(cursor, "delivery_claim", params)]
+
+    def finish_delivery(
+        self,
+        delivery: Delivery,
+        owner: str,
+        *,
+        due_at: datetime | None,
+        delivered_at: datetime | None,
+        error: str | None,
+    ) -> None:
+        params = {
+            "delivery_id": self.key(delivery.delivery_id),
+            "owner": owner,
+            "attempts": delivery.attempts,
+            "due_at": self.moment(due_at),
+            "delivered_at": self.moment(delivered_at),
+            "last_error": error,
+            "log": orjson.dumps(list(delivery.log)).decode(),
+        }
+        with self.transaction(commit=True) as cursor:
+            self.run(cursor, "delivery_done", params)
+
+    def deliveries_of(self, saga_uuid: UUID) -> list[Delivery]:
+        with self.transaction(commit=False) as cursor:
+            return [
+                self._delivery(row) for row in self.rows(cursor, "deliveries_of", {"saga_uuid": self.key(saga_uuid)})
+            ]
+
+    def _delivery(self, row: tuple[Any, ...]) -> Delivery:
+        delivery_id, saga_uuid, saga_id, saga, kind, target, body, attempts, log = row
+        return Delivery(
+            delivery_id=_uuid(delivery_id),
+            saga_uuid=_uuid(saga_uuid),
+            saga_id=saga_id,
+            saga=saga,
+            kind=kind,
+            target=target,
+            body=bytes(body),
+            attempts=int(attempts),
+            log=tuple(orjson.loads(log)),
+        )
+
+    def keys_param(self, keys: list[str]) -> dict[str, Any]:
+        """The parameters of a list of keys for the ``{keys}`` slot (see ``keys_slot``)."""
+        return {f"k{i}": key for i, key in enumerate(keys)}
+
+    def keys_slot(self, keys: list[str]) -> str:
+        """What fills a query's ``{keys}`` slot for these keys."""
+        return ", ".join(self.param(f"k{i}") for i in range(len(keys)))
+
 
 def _bytes(doc: bytes | str | memoryview) -> bytes:
     return doc.encode() if isinstance(doc, str) else bytes(doc)
+
+
+def _uuid(value: UUID | str) -> UUID:
+    return value if isinstance(value, UUID) else UUID(value)
 
 
 def statements(migrations: list[list[str]], version: int) -> Iterator[str]:

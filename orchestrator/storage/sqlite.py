@@ -10,8 +10,8 @@ from typing import Any
 from uuid import UUID
 
 import orjson
-from eventsourcing.persistence import StoredEvent
-from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteCursor
+from eventsourcing.persistence import StoredEvent, Tracking
+from eventsourcing.sqlite import SQLiteCursor, SQLiteProcessRecorder
 
 from orchestrator.storage.ports import APPLICATION_NAME, Claim, IndexEntry, ThreadWaker, Waker
 from orchestrator.storage.sql import Cursor, Queries, SqlIndex, statements
@@ -19,8 +19,9 @@ from orchestrator.storage.sql import Cursor, Queries, SqlIndex, statements
 QUERIES = Queries.load("sqlite")
 
 
-class SQLiteIndexRecorder(SqlIndex, SQLiteApplicationRecorder):
-    """SQLite recorder that writes the work and status rows in the events' transaction."""
+class SQLiteIndexRecorder(SqlIndex, SQLiteProcessRecorder):
+    """SQLite recorder that writes the work and status rows in the events' transaction, and the
+    tracking records of the log's followers (the library's process recorder: events + tracking)."""
 
     queries = QUERIES
     last_own_id = 0
@@ -92,6 +93,16 @@ class SQLiteIndexRecorder(SqlIndex, SQLiteApplicationRecorder):
 
     def from_moment(self, value: Any) -> datetime | None:
         return None if value is None else datetime.fromtimestamp(value, UTC)
+
+    def track(self, cursor: Cursor, tracking: Tracking) -> None:
+        assert isinstance(cursor, SQLiteCursor)
+        self._insert_tracking(cursor, tracking)
+
+    def tracking_table(self) -> str:
+        return "tracking"  # fixed by the library on SQLite
+
+    def tracked(self, name: str) -> int | None:
+        return self.max_tracking_id(name)
 
     def upsert_status(self, cursor: Cursor, entries: Sequence[IndexEntry]) -> None:
         assert isinstance(cursor, SQLiteCursor)

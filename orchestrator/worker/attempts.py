@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
+from orchestrator import metrics
 from orchestrator.aggregate import Outcome, SagaAggregate, Work
 from orchestrator.definition import Results, Saga, StepContext
 from orchestrator.registry import Registry
@@ -127,6 +128,9 @@ class Attempts:
                     running.outcome = Outcome(error=f"TimeoutError: attempt timed out after {seconds:g} s")
                 else:
                     continue
+                metrics.ATTEMPT_SECONDS.labels(
+                    running.aggregate.run.saga, running.work.name, running.work.kind
+                ).observe(now - running.started)
                 if running.outcome.error is None:
                     self.state.log.debug(
                         "attempt succeeded",

@@ -13,6 +13,7 @@ from uuid import UUID
 
 from eventsourcing.persistence import IntegrityError
 
+from orchestrator import metrics
 from orchestrator.aggregate import Outcome, SagaAggregate, Work
 from orchestrator.registry import Registry
 from orchestrator.repository import Conflicted, HistoryUnloadable, Repository
@@ -110,6 +111,8 @@ class Bookkeeper:
         lease_until = now + timedelta(seconds=self.state.lease)
         claims, records = self.repository.index.claim_loaded(self.state.worker_id, now, lease_until, limit)
         self.state.stats["claims"] += 1
+        metrics.CLAIMS.inc()
+        metrics.CLAIMED.inc(len(claims))
         if not claims:
             return 0
         batch = Batch()
@@ -198,6 +201,7 @@ class Bookkeeper:
             # A conflict (someone else wrote to one of these sagas) or one saga's data that the
             # database refused: the batch is void. Redo each saga alone, from a fresh load.
             self.state.stats["conflicts" if isinstance(error, IntegrityError) else "batch_errors"] += 1
+            metrics.CONFLICTS.inc()
             results, recorded = {}, {}
             for uuid, job in batch.jobs.items():
                 redone = None if uuid in aside else self.commit_one(uuid, job)

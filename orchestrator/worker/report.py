@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from orchestrator import events as ev
+from orchestrator import metrics
 from orchestrator.aggregate import SagaAggregate
 
 if TYPE_CHECKING:
@@ -24,6 +25,7 @@ def log_recorded(log: Any, aggregate: SagaAggregate, events: list[Any], running:
     run = aggregate.run
     context = {"saga_id": run.saga_id, "saga": run.saga}
     for event in events:
+        count(run.saga, event)
         if isinstance(event, ev.StepAttemptFailed | ev.CompensationAttemptFailed):
             kind = "step" if isinstance(event, ev.StepAttemptFailed) else "compensation"
             log.warning(
@@ -50,3 +52,21 @@ def log_recorded(log: Any, aggregate: SagaAggregate, events: list[Any], running:
             log.error("saga failed", **context, error=event.error)
         elif type(event) in TERMINAL_LINES:
             log.info(TERMINAL_LINES[type(event)], **context, **({"error": run.error} if run.error else {}))
+        if isinstance(event, ev.SagaCompleted | ev.SagaCompensated | ev.SagaCancelled | ev.SagaFailed):
+            state = run.state.value
+            metrics.SAGAS_FINISHED.labels(run.saga, state).inc()
+            metrics.SAGA_SECONDS.labels(run.saga, state).observe((run.updated_at - run.created_at).total_seconds())
+
+
+def count(saga: str, event: Any) -> None:
+    """Count a recorded attempt outcome in the metrics."""
+    if isinstance(event, ev.StepSucceeded | ev.CompensationSucceeded):
+        kind = "step" if isinstance(event, ev.StepSucceeded) else "compensation"
+        metrics.ATTEMPTS.labels(saga, event.name, kind, "succeeded").inc()
+    elif isinstance(event, ev.AttemptFailed):
+        kind = "step" if isinstance(event, ev.StepAttemptFailed | ev.StepFailed) else "compensation"
+        lost = "lease expired" in event.error
+        outcome = "lost" if lost else "retrying" if isinstance(event, ev.Retrying) else "failed"
+        metrics.ATTEMPTS.labels(saga, event.name, kind, outcome).inc()
+        if isinstance(event, ev.Retrying):
+            metrics.RETRIES.labels(saga, event.name, kind).inc()

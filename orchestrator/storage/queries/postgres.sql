@@ -142,3 +142,65 @@ DELETE FROM {schema}.saga_status_tracking
 -- name: events_of
 SELECT originator_id, originator_version, topic, state FROM {schema}.{events}
 WHERE originator_id = ANY(%(keys)s) ORDER BY originator_id, originator_version
+
+-- migration: 4
+-- Read models users write (projections/), one JSON document per key, and completion notifications.
+CREATE TABLE IF NOT EXISTS {schema}.projection_rows (
+    projection text NOT NULL, key text NOT NULL, doc jsonb NOT NULL, PRIMARY KEY (projection, key));
+CREATE TABLE IF NOT EXISTS {schema}.saga_deliveries (
+    delivery_id uuid PRIMARY KEY, saga_uuid uuid NOT NULL, saga_id text NOT NULL, saga text NOT NULL,
+    kind text NOT NULL, target text NOT NULL, body bytea NOT NULL, due_at timestamptz,
+    attempts integer NOT NULL DEFAULT 0, lease_owner text, lease_until timestamptz, delivered_at timestamptz,
+    last_error text, log jsonb NOT NULL DEFAULT '[]');
+CREATE INDEX IF NOT EXISTS saga_deliveries_due ON {schema}.saga_deliveries (due_at) WHERE due_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS saga_deliveries_saga ON {schema}.saga_deliveries (saga_uuid);
+
+-- name: rows_put
+INSERT INTO {schema}.projection_rows VALUES (%(projection)s, %(key)s, %(doc)s::jsonb)
+ON CONFLICT (projection, key) DO UPDATE SET doc = EXCLUDED.doc
+
+-- name: rows_delete
+DELETE FROM {schema}.projection_rows WHERE projection = %(projection)s AND key = %(key)s
+
+-- name: rows_get
+SELECT key, doc::text FROM {schema}.projection_rows WHERE projection = %(projection)s AND key = ANY(%(keys)s)
+
+-- name: rows_all
+SELECT key, doc::text FROM {schema}.projection_rows WHERE projection = %(projection)s ORDER BY key
+
+-- name: rows_reset
+DELETE FROM {schema}.projection_rows WHERE projection = %(projection)s
+
+-- name: tracking_reset
+DELETE FROM {schema}.{tracking} WHERE application_name = %(name)s
+
+-- name: delivery_add
+-- A delivery's id comes from the saga and the target: a second notice of the same end adds nothing.
+INSERT INTO {schema}.saga_deliveries (delivery_id, saga_uuid, saga_id, saga, kind, target, body, due_at)
+VALUES (%(delivery_id)s, %(saga_uuid)s, %(saga_id)s, %(saga)s, %(kind)s, %(target)s, %(body)s, %(due_at)s)
+ON CONFLICT (delivery_id) DO NOTHING
+
+-- name: delivery_claim
+-- SKIP LOCKED: workers delivering at once each take different notifications.
+-- The attempt is counted when it is claimed: one cut short by its worker's death counts too.
+UPDATE {schema}.saga_deliveries d SET lease_owner = %(owner)s, lease_until = %(until)s, attempts = d.attempts + 1
+FROM (SELECT delivery_id FROM {schema}.saga_deliveries
+      WHERE due_at <= %(now)s AND (lease_until IS NULL OR lease_until < %(now)s)
+      ORDER BY due_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED) c
+WHERE d.delivery_id = c.delivery_id
+RETURNING d.delivery_id, d.saga_uuid, d.saga_id, d.saga, d.kind, d.target, d.body, d.attempts, d.log::text
+
+-- name: delivery_done
+-- Only the worker that holds the lease records the attempt.
+UPDATE {schema}.saga_deliveries SET attempts = %(attempts)s, due_at = %(due_at)s, delivered_at = %(delivered_at)s,
+    last_error = %(last_error)s, log = %(log)s::jsonb, lease_owner = NULL, lease_until = NULL
+WHERE delivery_id = %(delivery_id)s AND lease_owner = %(owner)s
+
+-- name: deliveries_of
+SELECT delivery_id, saga_uuid, saga_id, saga, kind, target, body, attempts, log::text FROM {schema}.saga_deliveries
+WHERE saga_uuid = %(saga_uuid)s ORDER BY kind, target
+
+-- name: delivery_due
+-- A read first: workers ask every second, and most of the time nothing is due.
+SELECT 1 FROM {schema}.saga_deliveries
+WHERE due_at <= %(now)s AND (lease_until IS NULL OR lease_until < %(now)s) LIMIT 1

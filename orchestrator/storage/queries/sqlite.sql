@@ -110,3 +110,61 @@ SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'saga_schema'
 
 -- name: schema_version
 SELECT max(version) FROM saga_schema
+
+-- migration: 4
+-- Read models users write (projections/), one JSON document per key, and completion notifications.
+CREATE TABLE IF NOT EXISTS projection_rows (
+    projection TEXT NOT NULL, key TEXT NOT NULL, doc TEXT NOT NULL, PRIMARY KEY (projection, key));
+CREATE TABLE IF NOT EXISTS saga_deliveries (
+    delivery_id TEXT PRIMARY KEY, saga_uuid TEXT NOT NULL, saga_id TEXT NOT NULL, saga TEXT NOT NULL,
+    kind TEXT NOT NULL, target TEXT NOT NULL, body BLOB NOT NULL, due_at REAL, attempts INTEGER NOT NULL DEFAULT 0,
+    lease_owner TEXT, lease_until REAL, delivered_at REAL, last_error TEXT, log TEXT NOT NULL DEFAULT '[]');
+CREATE INDEX IF NOT EXISTS saga_deliveries_due ON saga_deliveries (due_at);
+CREATE INDEX IF NOT EXISTS saga_deliveries_saga ON saga_deliveries (saga_uuid);
+
+-- name: rows_put
+INSERT INTO projection_rows VALUES (:projection, :key, :doc)
+ON CONFLICT (projection, key) DO UPDATE SET doc = excluded.doc
+
+-- name: rows_delete
+DELETE FROM projection_rows WHERE projection = :projection AND key = :key
+
+-- name: rows_get
+SELECT key, doc FROM projection_rows WHERE projection = :projection AND key IN ({keys})
+
+-- name: rows_all
+SELECT key, doc FROM projection_rows WHERE projection = :projection ORDER BY key
+
+-- name: rows_reset
+DELETE FROM projection_rows WHERE projection = :projection
+
+-- name: tracking_reset
+DELETE FROM {tracking} WHERE application_name = :name
+
+-- name: delivery_add
+-- A delivery's id comes from the saga and the target: a second notice of the same end adds nothing.
+INSERT INTO saga_deliveries (delivery_id, saga_uuid, saga_id, saga, kind, target, body, due_at)
+VALUES (:delivery_id, :saga_uuid, :saga_id, :saga, :kind, :target, :body, :due_at)
+ON CONFLICT (delivery_id) DO NOTHING
+
+-- name: delivery_claim
+-- The attempt is counted when it is claimed: one cut short by its worker's death counts too.
+UPDATE saga_deliveries SET lease_owner = :owner, lease_until = :until, attempts = attempts + 1
+WHERE delivery_id IN (
+    SELECT delivery_id FROM saga_deliveries
+    WHERE due_at <= :now AND (lease_until IS NULL OR lease_until < :now) ORDER BY due_at LIMIT :limit)
+RETURNING delivery_id, saga_uuid, saga_id, saga, kind, target, body, attempts, log
+
+-- name: delivery_done
+-- Only the worker that holds the lease records the attempt.
+UPDATE saga_deliveries SET attempts = :attempts, due_at = :due_at, delivered_at = :delivered_at,
+    last_error = :last_error, log = :log, lease_owner = NULL, lease_until = NULL
+WHERE delivery_id = :delivery_id AND lease_owner = :owner
+
+-- name: deliveries_of
+SELECT delivery_id, saga_uuid, saga_id, saga, kind, target, body, attempts, log FROM saga_deliveries
+WHERE saga_uuid = :saga_uuid ORDER BY kind, target
+
+-- name: delivery_due
+-- A read first: workers ask every second, and a write transaction for nothing would take the lock.
+SELECT 1 FROM saga_deliveries WHERE due_at <= :now AND (lease_until IS NULL OR lease_until < :now) LIMIT 1
