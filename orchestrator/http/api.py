@@ -163,7 +163,21 @@ def build_api(orch: Orchestrator, changes: Changes) -> APIRouter:
         return Counts(counts=counts, total=sum(n for states in counts.values() for n in states.values()))
 
     @router.get(
-        "/sagas/{saga_id}",
+        "/sagas/{saga_id:path}/history", response_model=list[HistoryEvent], responses=responses(404), tags=["sagas"]
+    )
+    def history(saga_id: str) -> list[HistoryEvent]:
+        """The saga's events in order: the truth everything else is derived from."""
+        return orch.history(saga_id)
+
+    @router.get(
+        "/sagas/{saga_id:path}/timeline", response_model=list[TimelineEntry], responses=responses(404), tags=["sagas"]
+    )
+    def timeline(saga_id: str) -> list[TimelineEntry]:
+        """Every attempt of every step, compensation, wait and notification, with its timing."""
+        return orch.timeline(saga_id)
+
+    @router.get(
+        "/sagas/{saga_id:path}",
         response_model=SagaStatus,
         responses={**responses(404), 202: {"model": SagaStatus, "description": "Not finished: poll again"}},
         tags=["sagas"],
@@ -196,20 +210,8 @@ def build_api(orch: Orchestrator, changes: Changes) -> APIRouter:
             response.headers["Preference-Applied"] = f"wait={wait}"
         return response
 
-    @router.get("/sagas/{saga_id}/history", response_model=list[HistoryEvent], responses=responses(404), tags=["sagas"])
-    def history(saga_id: str) -> list[HistoryEvent]:
-        """The saga's events in order: the truth everything else is derived from."""
-        return orch.history(saga_id)
-
-    @router.get(
-        "/sagas/{saga_id}/timeline", response_model=list[TimelineEntry], responses=responses(404), tags=["sagas"]
-    )
-    def timeline(saga_id: str) -> list[TimelineEntry]:
-        """Every attempt of every step, compensation, wait and notification, with its timing."""
-        return orch.timeline(saga_id)
-
     @router.post(
-        "/sagas/{saga_id}/events/{event}",
+        "/sagas/{saga_id:path}/events/{event}",
         status_code=202,
         response_model=SagaStatus,
         responses=responses(401, 404, 409),
@@ -223,7 +225,7 @@ def build_api(orch: Orchestrator, changes: Changes) -> APIRouter:
         return _status_response(orch.status(saga_id), final=False, code=202)
 
     @router.post(
-        "/sagas/{saga_id}/cancel",
+        "/sagas/{saga_id:path}/cancel",
         status_code=202,
         response_model=SagaStatus,
         responses=responses(401, 404, 409),
@@ -238,7 +240,7 @@ def build_api(orch: Orchestrator, changes: Changes) -> APIRouter:
         return _status_response(orch.status(saga_id), final=False, code=202)
 
     @router.post(
-        "/sagas/{saga_id}/retry",
+        "/sagas/{saga_id:path}/retry",
         status_code=202,
         response_model=SagaStatus,
         responses=responses(401, 404, 409),
@@ -260,8 +262,6 @@ def _add_start(router: APIRouter, orch: Orchestrator, saga: type[Saga[Any]], gua
     def start(request: Request, data: Any, idempotency_key: str | None = None, callback_url: str | None = None) -> Any:
         if (refused := guard(request)) is not None:
             return refused
-        if idempotency_key is not None and "/" in idempotency_key:
-            raise InvalidInput("over HTTP a saga id (Idempotency-Key) cannot contain '/'")
         saga_id = orch.start(saga, data, saga_id=idempotency_key, notify=callback_url)
         body = started(saga.name, saga_id)
         return Response(

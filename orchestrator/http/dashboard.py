@@ -1,19 +1,419 @@
-"""The operator's dashboard (placeholder until the full page lands)."""
+"""The operator's dashboard: server-rendered pages (Jinja2, autoescaped) that htmx keeps fresh.
+
+The pages read through the ``Orchestrator`` like any other caller. Their buttons call the JSON
+API from the browser (``POST /sagas/{id}/cancel``, ``/retry``, ``/events/{event}``) with the
+bearer token the operator typed, which stays in the tab's ``sessionStorage``: never in a URL,
+a cookie or a page. Every asset is served from this package, so the dashboard works offline.
+
+Routes (none in the OpenAPI document): ``/`` (counts and the saga list, filtered and paged by
+its query string), ``/ui/sagas/{id}`` (one saga: status, timeline, history, actions), the
+partials htmx polls (``/ui/partials/...``) and ``/static/{name}``.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-from fastapi.responses import HTMLResponse
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import jinja2
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from starlette.exceptions import HTTPException
 
 from orchestrator.client import Orchestrator
+from orchestrator.errors import InvalidInput, OrchestratorError, SagaNotFound, UnknownSaga
+from orchestrator.http.api import parse_search, saga_url
+from orchestrator.http.problems import ERRORS
+from orchestrator.readmodels.history import HistoryEvent
+from orchestrator.readmodels.status import SagaStatus
+from orchestrator.readmodels.timeline import TimelineEntry
+from orchestrator.states import SagaState, StepState
+
+HERE = Path(__file__).parent
+STATIC = HERE / "static"
+ASSETS = {
+    "htmx.min.js": "text/javascript",
+    "htmx.LICENSE": "text/plain",
+    "dashboard.css": "text/css",
+    "dashboard.js": "text/javascript",
+    "favicon.svg": "image/svg+xml",
+}
+"""The files ``/static/`` serves, and their media types: nothing else is reachable there."""
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+        "form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+"""Headers of every page: only this origin's scripts and styles, no framing."""
+
+FILTERS = ("state", "saga", "search", "created_after", "created_before", "updated_after", "updated_before", "limit")
+TIMES = ("created_after", "created_before", "updated_after", "updated_before")
+DEFAULT_LIMIT = 25
+MAX_LIMIT = 200
+STATES = [state.value for state in SagaState]
+ACTIVE = (SagaState.PENDING, SagaState.RUNNING, SagaState.WAITING, SagaState.COMPENSATING)
+STEERABLE = (SagaState.PENDING, SagaState.RUNNING, SagaState.WAITING)
+"""States in which a saga can be cancelled and sent events."""
+FAST_POLL, SLOW_POLL = "2s", "10s"
+"""How often the list refreshes while some saga is unfinished, and when none is."""
+
+
+@dataclass
+class Listing:
+    """The list's filters as the query string gives them (text, as typed), and any they got wrong."""
+
+    state: str = ""
+    saga: str = ""
+    search: list[str] = field(default_factory=list)
+    times: dict[str, str] = field(default_factory=dict)
+    limit: str = ""
+    cursor: str = ""
+    noisy: bool = False
+    """The query string had empty or unknown parameters (a submitted form): redirect to the clean one."""
+
+    @classmethod
+    def parse(cls, request: Request) -> Listing:
+        listing = cls()
+        for key, raw in request.query_params.multi_items():
+            value = raw.strip()
+            if not value or (key not in FILTERS and key != "cursor"):
+                listing.noisy = True
+            elif key == "search":
+                listing.search.append(value)
+            elif key in TIMES:
+                listing.times[key] = value
+            else:
+                setattr(listing, key, value)
+        return listing
+
+    def params(self, cursor: str | None = None) -> list[tuple[str, str]]:
+        """The query parameters of these filters (and of a page's cursor), in a stable order."""
+        items = [("state", self.state), ("saga", self.saga)]
+        items += [("search", s) for s in self.search]
+        items += [(name, self.times.get(name, "")) for name in TIMES]
+        items += [("limit", self.limit), ("cursor", cursor or "")]
+        return [(k, v) for k, v in items if v]
+
+    def query(self, cursor: str | None = None) -> str:
+        return urlencode(self.params(cursor))
+
+    @property
+    def filtered(self) -> bool:
+        return bool(self.state or self.saga or self.search or self.times)
+
+    def page_size(self) -> int:
+        if not self.limit:
+            return DEFAULT_LIMIT
+        if not self.limit.isdigit() or not 1 <= int(self.limit) <= MAX_LIMIT:
+            raise InvalidInput(f"limit: a page holds 1 to {MAX_LIMIT} sagas, not {self.limit[:20]!r}")
+        return int(self.limit)
+
+    def filters(self) -> dict[str, Any]:
+        """The keyword filters of ``Orchestrator.page`` (``InvalidInput`` naming a bad one)."""
+        found: dict[str, Any] = {"search": parse_search(self.search)}
+        for name, text in self.times.items():
+            found[name] = parse_time(name, text)
+        return found
+
+
+def parse_time(name: str, text: str) -> datetime:
+    """An ISO date or date-time; one without an offset is taken as UTC."""
+    try:
+        moment = datetime.fromisoformat(text.replace(" ", "T", 1) if len(text) > 10 else text)
+    except ValueError:
+        raise InvalidInput(f"{name}: not an ISO date or time (2024-05-01T12:00Z): {text[:40]!r}") from None
+    return moment if moment.utcoffset() is not None else moment.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Bar:
+    """One attempt of the timeline as drawn: where its bar starts and how wide it is, in percent."""
+
+    entry: TimelineEntry
+    left: float
+    width: float
+    label: str
+    outcome: str
+    took: str
+    tip: str
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """The drawn timeline: its bars, how long it spans, and the labels of its time axis."""
+
+    bars: list[Bar]
+    span: str
+    ticks: list[tuple[float, str]]
+
+
+def timeline_view(entries: list[TimelineEntry], status: SagaStatus, now: datetime) -> Timeline:
+    """Bars whose position and width are proportional to time, from the first start to the last end."""
+    if not entries:
+        return Timeline([], "", [])
+    final = status.updated_at if status.state.terminal else now
+    ends = [e.ended_at or max(final, e.started_at) for e in entries]
+    start = min(e.started_at for e in entries)
+    total = max((max(ends) - start).total_seconds(), 0.001)
+    bars = []
+    for entry, end in zip(entries, ends, strict=True):
+        left = (entry.started_at - start).total_seconds() / total * 100
+        width = max((end - entry.started_at).total_seconds() / total * 100, 0.6)
+        left = min(left, 100 - width)
+        took = duration((end - entry.started_at).total_seconds())
+        kind = {"step": "", "compensation": "undo ", "wait": "wait for ", "notification": "notify "}[entry.kind]
+        label = f"{kind}{entry.name}" + (f" #{entry.attempt}" if entry.kind in ("step", "compensation") else "")
+        outcome = "waiting" if entry.kind == "wait" and entry.outcome == "running" else entry.outcome
+        tip = [f"{label}: {outcome}", f"started {when(entry.started_at)}", f"took {took}"]
+        if entry.worker:
+            tip.append(f"worker {entry.worker}")
+        if entry.retry_at:
+            tip.append(f"next attempt {when(entry.retry_at)}")
+        if entry.error:
+            tip.append(entry.error[:300])
+        bars.append(Bar(entry, round(left, 3), round(width, 3), label, outcome, took, "\n".join(tip)))
+    ticks = [(p, "0" if p == 0 else "+" + duration(total * p / 100)) for p in (0.0, 25.0, 50.0, 75.0, 100.0)]
+    return Timeline(bars, duration(total), ticks)
+
+
+def duration(seconds: float) -> str:
+    """A short human duration: 850 ms, 2.4 s, 3 min 05 s, 2 h 10 min, 3 d 4 h."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms" if seconds >= 0.0095 else f"{seconds * 1000:.1f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes:02d} min"
+    return f"{hours // 24} d {hours % 24} h"
+
+
+def since(delta: timedelta) -> str:
+    """How long after the start: 0, +2.6 ms, +1.8 s."""
+    seconds = delta.total_seconds()
+    return "0" if seconds <= 0 else "+" + duration(seconds)
+
+
+def clock(moment: datetime) -> str:
+    """The time of day in UTC, to the millisecond."""
+    return moment.astimezone(UTC).strftime("%H:%M:%S.%f")[:-3]
+
+
+def when(moment: datetime | None) -> str:
+    """A moment in UTC, to the millisecond."""
+    if moment is None:
+        return ""
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC"
+
+
+def cancel_question(saga_id: str, undo: list[str], running: list[str]) -> str:
+    """What the operator confirms before a cancel: the steps it undoes, in the order it undoes them."""
+    lines = [f"Cancel saga {saga_id}?", ""]
+    if undo:
+        lines.append("This undoes these steps, in this order:")
+        lines += [f"  {n}. {name}" for n, name in enumerate(undo, 1)]
+    else:
+        lines.append("No completed step has to be undone.")
+    if running:
+        lines.append(f"({', '.join(running)} is running: it is undone too if it succeeds.)")
+    lines += ["", "Then the saga ends cancelled."]
+    return "\n".join(lines)
+
+
+def ui_url(saga_id: str) -> str:
+    """The dashboard page of a saga (its id percent-encoded)."""
+    return f"/ui/sagas/{quote(saga_id, safe='')}"
+
+
+def pretty(value: Any) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=False, default=str)
+
+
+def compact(value: Any, limit: int = 140) -> str:
+    text = json.dumps(value, ensure_ascii=False, separators=(", ", ": "), default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def slug(text: str) -> str:
+    return text.replace(" ", "-")
+
+
+def tone(event_type: str) -> str:
+    """The colour family of a history event."""
+    if "Failed" in event_type or "TimedOut" in event_type or event_type == "SagaTerminated":
+        return "bad"
+    if event_type.startswith(("Compensation", "Cancel", "SagaCancelled", "SagaCompensated")):
+        return "undo"
+    if event_type.endswith(("Succeeded", "Completed", "Received", "Resolved")):
+        return "good"
+    return "plain"
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(HERE / "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(when=when, ui_url=ui_url, api_url=saga_url, pretty=pretty, compact=compact, slug=slug)
+    env.filters.update(tone=tone, duration=duration, clock=clock, quoted=lambda text: quote(text, safe=""))
+    version = hashlib.sha256(b"".join((STATIC / name).read_bytes() for name in sorted(ASSETS))).hexdigest()[:12]
+    env.globals["asset"] = lambda name: f"/static/{name}?v={version}"
+    env.globals["states"] = STATES
+    return env
 
 
 def dashboard_router(orch: Orchestrator) -> APIRouter:
     """The dashboard's routes."""
     router = APIRouter(include_in_schema=False)
+    env = _environment()
+    env.globals["token_required"] = orch.settings.api_token is not None
+
+    def render(name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+        html = env.get_template(name).render(**context)
+        return HTMLResponse(html, status_code=status_code, headers=SECURITY_HEADERS)
+
+    def failure(error: OrchestratorError) -> HTMLResponse:
+        code, title = next((status, title) for cls, status, _, title in ERRORS if isinstance(error, cls))
+        return render("error.html", code, title=title, detail=str(error))
+
+    def overview() -> dict[str, Any]:
+        counts = orch.counts()
+        totals = {state: sum(by_state.get(state, 0) for by_state in counts.values()) for state in STATES}
+        unfinished = sum(totals[state.value] for state in ACTIVE)
+        return {
+            "counts": sorted(counts.items()),
+            "totals": totals,
+            "total": sum(totals.values()),
+            "poll": FAST_POLL if unfinished else SLOW_POLL,
+        }
+
+    def listing_context(listing: Listing) -> tuple[dict[str, Any], int]:
+        context: dict[str, Any] = {"listing": listing, "sagas": [], "next_url": None, "error": None}
+        context.update(overview())
+        try:
+            page = orch.page(
+                listing.state or None,
+                listing.saga or None,
+                limit=listing.page_size(),
+                cursor=listing.cursor or None,
+                **listing.filters(),
+            )
+        except (InvalidInput, UnknownSaga) as error:
+            context["error"] = str(error)
+            return context, 400
+        context["sagas"] = page.items
+        if page.next_cursor:
+            context["next_url"] = "/?" + listing.query(page.next_cursor)
+        return context, 200
 
     @router.get("/", response_class=HTMLResponse)
-    def index() -> str:
-        return "<!doctype html><title>sagaworks</title><h1>sagaworks</h1>"
+    def index(request: Request) -> Response:
+        listing = Listing.parse(request)
+        if listing.noisy:  # a submitted form: the same filters, without its empty fields
+            query = listing.query(listing.cursor)
+            return RedirectResponse("/?" + query if query else "/", status_code=303)
+        try:
+            context, code = listing_context(listing)
+        except OrchestratorError as error:
+            return failure(error)
+        names = sorted(orch.sagas)
+        return render("index.html", code, names=names, oob=False, **context)
+
+    @router.get("/ui/partials/sagas", response_class=HTMLResponse)
+    def sagas_partial(request: Request) -> Response:
+        try:
+            context, code = listing_context(Listing.parse(request))
+        except OrchestratorError as error:
+            return failure(error)
+        return render("_sagas.html", code, oob=True, **context)
+
+    def saga_context(saga_id: str) -> dict[str, Any]:
+        status = orch.status(saga_id)
+        history: list[HistoryEvent] = []
+        entries: list[TimelineEntry] = []
+        unreadable = None
+        try:
+            history = orch.history(saga_id)
+            entries = orch.timeline(saga_id)
+        except OrchestratorError as error:  # a saga set aside: its status still shows
+            unreadable = str(error)
+        started = history[0].data if history and history[0].type == "SagaStarted" else {}
+        plan: list[dict[str, Any]] = started.get("plan") or []
+        compensable = {node.get("name") for node in plan if node.get("compensable")}
+        events = {node.get("name"): node.get("event") for node in plan if node.get("kind") == "wait"}
+        undo = [s.name for s in reversed(status.steps) if s.state is StepState.SUCCEEDED and s.name in compensable]
+        running = [s.name for s in status.steps if s.state is StepState.RUNNING and s.name in compensable]
+        expected = [
+            str(events[s.name])
+            for s in status.steps
+            if s.name in events and s.state in (StepState.PENDING, StepState.RUNNING)
+        ]
+        now = datetime.now(UTC)
+        question = cancel_question(saga_id, undo, running)
+        first = history[0].timestamp if history else status.created_at
+        return {
+            "saga_id": saga_id,
+            "status": status,
+            "terminal": status.state.terminal,
+            "history": history,
+            "since": [since(h.timestamp - first) for h in history],
+            "timeline": timeline_view(entries, status, now),
+            "unreadable": unreadable,
+            "input": started.get("input"),
+            "undo": undo,
+            "cancel_question": question,
+            "expected": expected,
+            "default_event": status.waiting_for or (expected[0] if expected else ""),
+            # The API's routes take the id as one path segment: an id with "/" cannot be reached there.
+            "can_cancel": status.state in STEERABLE,
+            "can_send": status.state in STEERABLE,
+            "can_retry": status.state is SagaState.FAILED,
+            "age": duration(
+                max(((status.updated_at if status.state.terminal else now) - status.created_at).total_seconds(), 0)
+            ),
+        }
+
+    @router.get("/ui/sagas/{saga_id:path}", response_class=HTMLResponse)
+    def saga_page(saga_id: str) -> Response:
+        try:
+            return render("saga.html", oob=False, oob_actions=False, **saga_context(saga_id))
+        except SagaNotFound as error:
+            return render("error.html", 404, title="No saga with that id", detail=str(error))
+        except OrchestratorError as error:
+            return failure(error)
+
+    @router.get("/ui/partials/saga/{saga_id:path}", response_class=HTMLResponse)
+    def saga_partial(saga_id: str, actions_for: str = "") -> Response:
+        try:
+            context = saga_context(saga_id)
+        except OrchestratorError as error:
+            return failure(error)
+        # The actions panel is re-rendered (out of band) only when the state changed, so that
+        # what the operator is typing there survives the refreshes.
+        return render("_live.html", oob=False, oob_actions=actions_for != context["status"].state.value, **context)
+
+    @router.get("/static/{name}")
+    def static(name: str) -> Response:
+        media_type = ASSETS.get(name)
+        if media_type is None:
+            raise HTTPException(404, "Not Found")
+        headers = {"Cache-Control": "public, max-age=86400", "X-Content-Type-Options": "nosniff"}
+        return FileResponse(STATIC / name, media_type=media_type, headers=headers)
 
     return router
