@@ -502,3 +502,10 @@ def test_commands_need_an_app_and_say_how_to_give_one(
     assert result.exit_code == 2
     assert "needs --app module:attribute" in result.output
     assert "sagas:app" in result.output
+
+
+def test_serve_refuses_to_listen_beyond_loopback_without_a_token(run: CliRunner) -> None:
+    """`saga serve --host 0.0.0.0` without SAGA_API_TOKEN refuses to start, saying how to fix it."""
+    result = run.invoke(cli, ["serve", "--host", "0.0.0.0", "--port", "18099"])
+    assert result.exit_code == 2
+    assert "SAGA_API_TOKEN" in result.output
