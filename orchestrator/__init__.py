@@ -2,6 +2,7 @@
 
 from orchestrator.client import Orchestrator
 from orchestrator.definition import Saga, step, wait_for
+from orchestrator.domain import DomainEvent, EventInfo, SagaEnded, Trigger, on
 from orchestrator.errors import (
     ConfigurationError,
     DefinitionError,
@@ -14,6 +15,7 @@ from orchestrator.errors import (
     StorageError,
     StorageUnavailable,
     UnexpectedEvent,
+    UnknownEvent,
     UnknownSaga,
 )
 from orchestrator.readmodels import HistoryEvent, SagaStatus, StepStatus
@@ -23,6 +25,12 @@ from orchestrator.states import SagaState, StepState
 
 __all__ = [
     "ConfigurationError",
+    "DomainEvent",
+    "EventInfo",
+    "SagaEnded",
+    "Trigger",
+    "UnknownEvent",
+    "on",
     "DefinitionError",
     "HistoryEvent",
     "InvalidInput",

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
+from uuid import uuid4
 
 from eventsourcing.persistence import IntegrityError
 from pydantic import BaseModel
@@ -20,6 +21,7 @@ from pydantic import BaseModel
 from orchestrator import metrics
 from orchestrator.aggregate import SagaAggregate, aggregate_id
 from orchestrator.definition import Saga
+from orchestrator.domain import DomainEvent, DomainEventRecord, SagaEnded, validate_event
 from orchestrator.errors import (
     DefinitionError,
     InvalidInput,
@@ -27,6 +29,7 @@ from orchestrator.errors import (
     SagaAlreadyStarted,
     SagaNotFound,
     UnexpectedEvent,
+    UnknownEvent,
 )
 from orchestrator.following import Follower, Log
 from orchestrator.notify import Notifications
@@ -37,6 +40,7 @@ from orchestrator.safety import check_saga_id, check_text, event_payload, short
 from orchestrator.settings import Settings
 from orchestrator.states import SagaState
 from orchestrator.storage import Database, SagaApplication, parse_database_url
+from orchestrator.triggers import Triggering, TriggerProcessor
 from orchestrator.worker import SideTask, Worker
 
 COMMAND_OUTAGES = 3
@@ -67,6 +71,7 @@ class Orchestrator(Reads):
         *,
         settings: Settings | None = None,
         projections: Iterable[Follower] = (),
+        events: Iterable[type[DomainEvent]] = (),
     ) -> None:
         self.settings = settings or Settings.from_env()
         self.database: Database = parse_database_url(database or self.settings.database_url)
@@ -83,7 +88,15 @@ class Orchestrator(Reads):
             self.repository, self.registry, secret, _process_id(), self.settings.lease_seconds
         )
         """Queues and delivers completion notifications (run by every worker, between rounds)."""
-        self.side_tasks: builtins.list[SideTask] = [self.notifications]
+        self.event_types: dict[str, type[DomainEvent]] = {SagaEnded.event_name: SagaEnded}
+        """The domain events this orchestrator knows by name (given, and those its sagas' triggers name)."""
+        for event_type in events:
+            self.register_event(event_type)
+        for saga in self.registry:
+            for trigger in saga.triggers:
+                self.register_event(trigger.event)
+        self.trigger_processor = TriggerProcessor(self.registry, self.repository, self.settings.max_input_bytes)
+        self.side_tasks: builtins.list[SideTask] = [self.notifications, Triggering(self.trigger_processor, self.log)]
         """Tasks every worker of this orchestrator runs between rounds (schedulers, notifiers)."""
 
     # Lifecycle
@@ -91,6 +104,46 @@ class Orchestrator(Reads):
     def register(self, saga: type[Saga[Any]]) -> None:
         """Add a saga class to the registry (explicitly: importing a module registers nothing)."""
         self.registry.register(saga)
+        for trigger in saga.triggers:
+            self.register_event(trigger.event)
+
+    def register_event(self, event_type: type[DomainEvent]) -> None:
+        """Make a domain event known by its name (for ``emit(name, data)`` and ``POST /events/{name}``)."""
+        if not (isinstance(event_type, type) and issubclass(event_type, DomainEvent)):
+            raise DefinitionError(f"{event_type!r} is not a DomainEvent class")
+        known = self.event_types.get(event_type.event_name)
+        if known is not None and known is not event_type:
+            raise DefinitionError(f"two domain events are named {event_type.event_name!r}")
+        self.event_types[event_type.event_name] = event_type
+
+    def emit(self, event: DomainEvent | str, data: dict[str, Any] | None = None, *, event_id: str | None = None) -> str:
+        """Record a domain event (a model, or a known event's name and data); returns its id.
+
+        ``event_id`` makes it idempotent: the same id again records nothing (with other data it raises
+        ``InvalidInput``). Triggers start their sagas from it soon after, in a worker.
+        """
+        if isinstance(event, str):
+            event_type = self.event_types.get(event)
+            if event_type is None:
+                known = ", ".join(sorted(self.event_types)) or "none"
+                raise UnknownEvent(f"unknown domain event {short(event)}; known: {known}")
+            model = validate_event(event_type, data or {})
+        elif isinstance(event, DomainEvent) and data is None:
+            model = event
+        else:
+            raise InvalidInput("emit() takes a DomainEvent, or an event name and its data")
+        name, payload = model.event_name, event_payload(model, self.settings.max_input_bytes)
+        event_id = uuid4().hex if event_id is None else check_saga_id(event_id)
+        record = DomainEventRecord.new(event_id, name, payload, utcnow())
+        try:
+            with self.repository.translating("recording an event"):
+                self.repository.store.events.put(record.collect_events())
+        except IntegrityError:
+            found: DomainEventRecord = self.repository.store.repository.get(record.id)
+            if (found.name, found.data) != (name, payload):
+                raise InvalidInput(f"event id {short(event_id)} was already used for another event") from None
+        self.repository.wake_workers()
+        return event_id
 
     def add_projection(self, projection: Follower) -> None:
         """Register a read model to keep from the log (``saga projections run`` keeps them current)."""

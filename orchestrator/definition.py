@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Generic, TypeVar, get_args, get_origin
 import structlog
 from pydantic import BaseModel
 
+from orchestrator.domain import check_triggers
 from orchestrator.errors import DefinitionError
 from orchestrator.safety import JSON_OBJECT
 from orchestrator.steps import (
@@ -64,6 +65,8 @@ class Saga(Generic[InputT], metaclass=_SagaMeta):
     input_model: ClassVar[type[BaseModel]]
     search: ClassVar[list[str]] = []
     """Input fields the list filters can match (``orch.list(search={"employee": "ada"})``)."""
+    triggers: ClassVar[list[Any]] = []
+    """Domain events that start this saga: ``[on(ClaimSubmitted, when=..., input=...)]``."""
     on_finished: ClassVar[Any] = None
     """Define ``def on_finished(self, status: SagaStatus)`` (or ``async def``) to be told, at least once,
     when a saga of this class ends; it runs in a worker, retried with backoff while it raises."""
@@ -113,13 +116,14 @@ class Saga(Generic[InputT], metaclass=_SagaMeta):
             )
         cls.nodes = _collect_nodes(cls)
         cls.step_map = {node.name: node for node in cls.nodes if isinstance(node, StepDef)}
+        cls.triggers = check_triggers(cls, cls.triggers)
         if cls.on_finished is not None:
             _check_call(cls, cls.on_finished, "completion hook", ("self", "status"))
 
     def emit(self, event: BaseModel | dict[str, Any], *, name: str | None = None) -> None:
         """Record a domain event atomically with this step's outcome (dropped if the attempt fails)."""
         if isinstance(event, BaseModel):
-            payload, default = event.model_dump(mode="json"), type(event).__name__
+            payload, default = event.model_dump(mode="json"), getattr(event, "event_name", type(event).__name__)
         elif isinstance(event, dict):
             payload, default = JSON_OBJECT.dump_python(event, mode="json"), "event"
         else:

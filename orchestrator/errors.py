@@ -35,6 +35,10 @@ class UnexpectedEvent(OrchestratorError):
     """The saga is not waiting for this event (unknown, already delivered, or finished)."""
 
 
+class UnknownEvent(OrchestratorError, LookupError):
+    """No domain event of that name is known to this orchestrator."""
+
+
 class InvalidTransition(OrchestratorError):
     """The operation does not apply to the saga in its current state (e.g. retry of a completed saga)."""
 

@@ -20,18 +20,21 @@ from uuid import UUID
 from eventsourcing.persistence import IntegrityError, StoredEvent, Tracking
 
 from orchestrator import events as ev
+from orchestrator.domain import DomainEventRecorded
 from orchestrator.machine import SagaRun
 from orchestrator.repository import Repository
 from orchestrator.storage import APPLICATION_NAME, SagaIndex
 
 BATCH = 500
 """Notifications read (and recorded) per transaction."""
-TOPICS: dict[str, str] = {
+SAGA_TOPICS: dict[str, str] = {
     name: cls.topic
     for name in ev.__all__
     if isinstance(cls := getattr(ev, name), type) and issubclass(cls, ev.SagaEvent) and cls.topic
 }
-"""Event type name -> stored topic, for filtering the log in the database."""
+"""Saga event type name -> stored topic."""
+TOPICS: dict[str, str] = {**SAGA_TOPICS, "DomainEventRecorded": DomainEventRecorded.topic}
+"""Every event type in the log by name -> stored topic, for filtering the log in the database."""
 
 
 def tracking_name(follower: str) -> str:

@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from orchestrator.aggregate import aggregate_id
+from orchestrator.domain import DomainEventRecorded, EventInfo
 from orchestrator.errors import InvalidInput, SagaNotFound
+from orchestrator.following import TOPICS
 from orchestrator.notify import timeline_entries
 from orchestrator.readmodels.history import HistoryEvent, history_entries
 from orchestrator.readmodels.listing import MAX_PAGE, Filters, SagaPage, encode_cursor
@@ -21,6 +23,7 @@ from orchestrator.registry import Registry, SagaRef
 from orchestrator.repository import Repository
 from orchestrator.safety import check_saga_id, short
 from orchestrator.states import SagaState
+from orchestrator.triggers import DECISIONS
 
 if TYPE_CHECKING:
     from orchestrator.following import Follower, Log
@@ -154,6 +157,51 @@ class Reads:
         if not events:
             raise SagaNotFound(f"no saga with id {short(saga_id)}")
         return history_entries(events)
+
+    def events(self, name: str | None = None, *, after: int = 0, limit: int = 100) -> builtins.list[EventInfo]:
+        """Domain events in the order they were recorded (``after``: a position), with what the triggers
+        did with each; ``name`` keeps only those of that name."""
+        if not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+            raise InvalidInput(f"limit must be an integer from 1 to {MAX_PAGE}, not {short(limit)}")
+        if not isinstance(after, int) or not 0 <= after < 2**63:
+            raise InvalidInput(f"after is a position in the log (0 or more), not {short(after)}")
+        store = self.repository.store
+        topics = [TOPICS["DomainEventRecorded"], TOPICS["DomainEventEmitted"]]
+        found: builtins.list[EventInfo] = []
+        position = after
+        with self.repository.translating("listing events"):
+            while len(found) < limit:
+                batch = store.recorder.select_notifications(position, 500, topics=topics, inclusive_of_start=False)
+                for n in batch:
+                    event: Any = store.mapper.to_domain_event(n)
+                    info: tuple[str, str, dict[str, Any], str | None]
+                    if isinstance(event, DomainEventRecorded):
+                        info = (event.event_id, event.name, event.data, None)
+                    else:
+                        doc = self.repository.index.get_status(event.originator_id)
+                        source = orjson.loads(doc)["saga_id"] if doc else str(event.originator_id)
+                        info = (f"{event.originator_id}:{event.originator_version}", event.event, event.data, source)
+                    if name is None or info[1] == name:
+                        event_id, event_name, data, source = info
+                        found.append(
+                            EventInfo(
+                                position=n.id,
+                                event_id=event_id,
+                                name=event_name,
+                                data=data,
+                                timestamp=event.timestamp,
+                                source=source,
+                            )
+                        )
+                if len(batch) < 500:
+                    break
+                position = batch[-1].id
+            found = found[:limit]
+            decided = self.repository.index.read_rows(DECISIONS, [e.event_id for e in found])
+        return [
+            e.model_copy(update={"triggers": orjson.loads(decided[e.event_id])}) if e.event_id in decided else e
+            for e in found
+        ]
 
     def projection(self, name: str, key: str | None = None) -> Any:
         """A projection's rows by key (``key``: that row, or ``None`` if it has none)."""

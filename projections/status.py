@@ -16,7 +16,10 @@ from uuid import UUID
 import structlog
 
 from orchestrator import Orchestrator
+from orchestrator.following import SAGA_TOPICS as TOPICS
 from orchestrator.readmodels.status import index_entry
+
+SAGA_TOPICS = frozenset(TOPICS.values())
 
 log = structlog.get_logger("sagaworks.projections")
 
@@ -84,16 +87,17 @@ class StatusProjection:
         notifications = sagas = 0
         position = after
         while position < head:
-            page = store.recorder.select_notifications(position + 1, self.page_size, stop=head)
-            if not page:
+            scanned = store.recorder.select_notifications(position + 1, self.page_size, stop=head)
+            if not scanned:
                 break
+            page = [n for n in scanned if n.topic in SAGA_TOPICS]  # not domain events, schedules, ...
             ids: dict[UUID, None] = dict.fromkeys(UUID(str(n.originator_id)) for n in page)
             aggregates, broken = self.orch.repository.load_many(list(ids))
             for uuid, (_, problem) in broken.items():  # its row keeps what it was; workers set it aside
                 log.error("saga skipped by the status projection", saga_uuid=str(uuid), problem=problem)
             entries = [index_entry(aggregate) for aggregate in aggregates.values()]
-            position = page[-1].id
+            position = scanned[-1].id
             store.index.write_status(entries, position)
-            notifications += len(page)
+            notifications += len(scanned)
             sagas += len(entries)
         return Progress(notifications, sagas, position if notifications else store.index.status_position())

@@ -191,3 +191,56 @@ def test_worker_process_beside_poison_sagas_completes_the_rest_and_stops_on_sigt
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_triggered_sagas_start_once_when_a_worker_is_killed_mid_processing(durable_url: str, tmp_path: Path) -> None:
+    """Two worker processes run the trigger processor over 60 events; one is SIGKILLed half-way; each
+    matching event still starts exactly one saga, and all of them complete."""
+    from tests.test_triggers import ClaimSubmitted, ExpenseApproval
+
+    with Orchestrator(sagas=[ExpenseApproval], database=durable_url, settings=Settings.defaults()) as orch:
+        for i in range(60):
+            orch.emit(ClaimSubmitted(claim_id=f"k{i}", employee="ada", amount=400 + 10 * i), event_id=f"kill-{i}")
+    env = {
+        **os.environ,
+        "SAGA_DATABASE_URL": durable_url,
+        "SAGA_POLL_INTERVAL": "0.05",
+        "SAGA_LEASE_SECONDS": "2",
+        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "--log-level",
+        "warning",
+        "worker",
+        "--app",
+        "tests.trigger_app:app",
+    ]
+    victim = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    survivor = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        time.sleep(0.6)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(10)
+        matching = [f"ExpenseApproval.on.ClaimSubmitted:kill-{i}" for i in range(60) if 400 + 10 * i > 500]
+        with Orchestrator(sagas=[ExpenseApproval], database=durable_url, settings=Settings.defaults()) as orch:
+            deadline = time.monotonic() + 40
+            while True:
+                statuses = orch.list()
+                # Each triggered saga's step emits one follow-up claim, which starts one more saga.
+                if len(statuses) == 2 * len(matching) and all(s.state is SagaState.COMPLETED for s in statuses):
+                    break
+                assert time.monotonic() < deadline, (len(statuses), 2 * len(matching))
+                time.sleep(0.1)
+            ids = {s.saga_id for s in statuses}
+            assert set(matching) <= ids
+            follow_ups = [s for s in statuses if s.saga_id not in matching]
+            assert len(follow_ups) == len(matching)
+            skipped = [e for e in orch.events() if e.triggers and "skipped" in e.triggers[0]]
+            assert len(skipped) == 60 - len(matching)
+    finally:
+        stop(survivor)
+        if victim.poll() is None:
+            victim.kill()

@@ -141,4 +141,28 @@ def timeline(ctx: click.Context, app_spec: str | None, saga_id: str, as_json: bo
     click.echo(timeline_table(entries))  # cells are escaped
 
 
-COMMANDS = [start, status, list_, history, timeline, send, cancel, resolve, retry]
+@click.command()
+@click.argument("name")
+@click.option("--data", default=None, help="The event as a JSON object (@path: from a file, -: stdin).")
+@click.option("--id", "event_id", default=None, help="The event's id (a repeat records nothing); default: a new one.")
+@app_option
+@click.pass_context
+def emit(ctx: click.Context, app_spec: str | None, name: str, data: str | None, event_id: str | None) -> None:
+    """Record a domain event NAME; the sagas it triggers start soon after, in a worker. Prints its id."""
+    payload = read_json_argument(data, "--data")
+    echo(app_of(ctx, app_spec).emit(name, payload, event_id=event_id))
+
+
+@click.command()
+@click.option("--name", default=None, help="Only events of this name.")
+@click.option("--after", type=click.IntRange(0), default=0, help="Only events after this position.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@app_option
+@click.pass_context
+def events(ctx: click.Context, app_spec: str | None, name: str | None, after: int, limit: int) -> None:
+    """List domain events, one JSON object per line, with what the triggers did with each."""
+    for info in app_of(ctx, app_spec).events(name, after=after, limit=limit):
+        echo_json(info.model_dump_json())
+
+
+COMMANDS = [start, status, list_, history, timeline, send, cancel, resolve, retry, emit, events]

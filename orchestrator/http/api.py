@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator.client import Orchestrator
 from orchestrator.definition import Saga
-from orchestrator.errors import InvalidInput, UnknownSaga
+from orchestrator.domain import DomainEvent, EventInfo
+from orchestrator.errors import InvalidInput, UnknownEvent, UnknownSaga
 from orchestrator.http.problems import responses
 from orchestrator.http.security import token_matches, unauthorized
 from orchestrator.http.watch import Changes
@@ -253,7 +254,73 @@ def build_api(orch: Orchestrator, changes: Changes) -> APIRouter:
         orch.retry(saga_id)
         return _status_response(orch.status(saga_id), final=False, code=202)
 
+    for event_type in orch.event_types.values():
+        _add_emit(router, orch, event_type, guard)
+
+    @router.post(
+        "/events/{name}", status_code=202, response_model=Emitted, responses=responses(401, 404), tags=["events"]
+    )
+    def emit_unknown(name: str, request: Request) -> Any:
+        """Record a domain event of a name no event type is known by: always ``404 unknown-event``."""
+        if (refused := guard(request)) is not None:
+            return refused
+        raise UnknownEvent(f"unknown domain event {name[:60]!r}; known: {', '.join(sorted(orch.event_types))}")
+
+    @router.get("/events", response_model=list[EventInfo], responses=responses(), tags=["events"])
+    def list_events(
+        name: str | None = None,
+        after: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> list[EventInfo]:
+        """Domain events in the order they were recorded, with what the triggers did with each."""
+        return orch.events(name, after=after, limit=limit)
+
     return router
+
+
+class Emitted(BaseModel):
+    """The answer to an emitted domain event: its id (a repeat of the same ``Idempotency-Key`` records nothing)."""
+
+    event_id: str
+    name: str
+
+
+def _add_emit(router: APIRouter, orch: Orchestrator, event_type: type[DomainEvent], guard: Any) -> None:
+    def emit(request: Request, data: Any, idempotency_key: str | None = None) -> Any:
+        if (refused := guard(request)) is not None:
+            return refused
+        event_id = orch.emit(data, event_id=idempotency_key)
+        return Response(
+            Emitted(event_id=event_id, name=event_type.event_name).model_dump_json(),
+            status_code=202,
+            media_type="application/json",
+        )
+
+    emit.__doc__ = f"Record a {event_type.event_name} domain event: the sagas it triggers start soon after."
+    emit.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [
+            inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Request),
+            inspect.Parameter(
+                "data", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[event_type, Body()]
+            ),
+            inspect.Parameter(
+                "idempotency_key",
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                default=None,
+                annotation=Annotated[str | None, Header(description="The event's id: a repeat records nothing")],
+            ),
+        ]
+    )
+    router.add_api_route(
+        f"/events/{quote(event_type.event_name, safe='')}",
+        emit,
+        methods=["POST"],
+        status_code=202,
+        response_model=Emitted,
+        responses=responses(401, 422),
+        name=f"emit_{event_type.event_name}",
+        tags=["events"],
+    )
 
 
 def _add_start(router: APIRouter, orch: Orchestrator, saga: type[Saga[Any]], guard: Any) -> None:

@@ -24,6 +24,7 @@ from orchestrator.errors import (
     StorageError,
     StorageUnavailable,
     UnexpectedEvent,
+    UnknownEvent,
     UnknownSaga,
 )
 from orchestrator.safety import clean_error
@@ -57,6 +58,7 @@ class Problem(BaseModel):
 # Engine error -> (status, problem slug, title); the first matching class wins.
 ERRORS: list[tuple[type[Exception], int, str, str]] = [
     (UnknownSaga, 404, "unknown-saga", "No saga of that name is registered"),
+    (UnknownEvent, 404, "unknown-event", "No domain event of that name is known"),
     (SagaNotFound, 404, "saga-not-found", "No saga with that id"),
     (SagaAlreadyStarted, 409, "saga-already-started", "That saga id was used with other input"),
     (UnexpectedEvent, 409, "unexpected-event", "The saga does not wait for that event"),

@@ -66,7 +66,7 @@ class RequireToken:
             self.token is not None
             and scope["type"] == "http"
             and scope["method"] not in self.SAFE
-            and (path == "/sagas" or path.startswith("/sagas/"))
+            and path.split("/")[1:2] in (["sagas"], ["events"])
         ):
             request = Request(scope, receive)
             if not token_matches(request, self.token):

@@ -42,6 +42,12 @@ class MemoryRecorder(SagaIndex, POPOProcessRecorder):
         with self._database_lock:
             ids = super()._insert_events(stored_events, **kwargs)
             self._apply(kwargs.get("index", ()))
+            for projection, key, doc in kwargs.get("rows", ()):
+                table = self.projection_rows.setdefault(projection, {})
+                if doc is None:
+                    table.pop(key, None)
+                else:
+                    table[key] = doc
             if ids:
                 self.position = ids[-1]
         return ids

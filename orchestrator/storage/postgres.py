@@ -228,6 +228,7 @@ class PostgresIndexRecorder(SqlIndex, PostgresProcessRecorder):
                 done = [e.saga_uuid for e in entries if e.due_at is None]
                 if done:
                     index.execute(self.compiled["delete_work"], (done,), prepare=True)
+            self.put_rows(index, kwargs.get("rows", ()))
             index.execute(self.compiled["track_head"], {"application": APPLICATION_NAME}, prepare=True)
 
     # Reads and claims

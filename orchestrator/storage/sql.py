@@ -221,12 +221,16 @@ class SqlIndex(SagaIndex):
 
     def write_rows(self, projection: str, rows: dict[str, bytes | None], tracking: Tracking) -> None:
         with self.transaction(commit=True) as cursor:
-            for key, doc in rows.items():
-                if doc is None:
-                    self.run(cursor, "rows_delete", {"projection": projection, "key": key})
-                else:
-                    self.run(cursor, "rows_put", {"projection": projection, "key": key, "doc": doc.decode()})
+            self.put_rows(cursor, [(projection, key, doc) for key, doc in rows.items()])
             self.track(cursor, tracking)
+
+    def put_rows(self, cursor: Cursor, rows: Sequence[tuple[str, str, bytes | None]]) -> None:
+        """Put (``None``: delete) projection rows in this transaction (also from an event save's ``rows``)."""
+        for projection, key, doc in rows:
+            if doc is None:
+                self.run(cursor, "rows_delete", {"projection": projection, "key": key})
+            else:
+                self.run(cursor, "rows_put", {"projection": projection, "key": key, "doc": doc.decode()})
 
     def read_rows(self, projection: str, keys: list[str] | None = None) -> dict[str, bytes]:
         with self.transaction(commit=False) as cursor:

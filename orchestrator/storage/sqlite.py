@@ -142,6 +142,7 @@ class SQLiteIndexRecorder(SqlIndex, SQLiteProcessRecorder):
             done = [{"saga_uuid": e.saga_uuid.hex} for e in entries if e.due_at is None]
             if done:
                 c.executemany(self.query("delete_work"), done)
+        self.put_rows(c, kwargs.get("rows", ()))
         if ids:
             self.run(c, "track", {"application": APPLICATION_NAME, "position": ids[-1]})
         return ids
