@@ -17,8 +17,16 @@ from orchestrator.bench.phases import percentile
 from orchestrator.cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent
-SAGA_KEYS = ("sagas_per_s", "steps_per_s", "p50_ms", "p99_ms", "unloaded_p50_ms", "transactions_per_saga",
-             "events_per_saga", "peak_rss_mb")
+SAGA_KEYS = (
+    "sagas_per_s",
+    "steps_per_s",
+    "p50_ms",
+    "p99_ms",
+    "unloaded_p50_ms",
+    "transactions_per_saga",
+    "events_per_saga",
+    "peak_rss_mb",
+)
 
 
 def bench(*args: str) -> dict[str, Any]:
@@ -66,13 +74,98 @@ def test_bench_on_sqlite(workload: str) -> None:
 @pytest.mark.parametrize("workload", ["ok", "compensate"])
 def test_bench_on_postgres(workload: str, pg_server: str) -> None:
     """On PostgreSQL (a bench_* schema of its own), a tiny bench with the storage limit reports every figure."""
-    result = bench("--backend", "postgres", "--database", pg_server, "--workers", "1", "--workload", workload,
-                   *(["--limit", "--limit-seconds", "0.3"] if workload == "ok" else []))
+    result = bench(
+        "--backend",
+        "postgres",
+        "--database",
+        pg_server,
+        "--workers",
+        "1",
+        "--workload",
+        workload,
+        *(["--limit", "--limit-seconds", "0.3"] if workload == "ok" else []),
+    )
     check_sagas(result, "postgres", workload)
     if workload == "ok":
         assert result["limit_commits_per_s_1"] > 0
         assert result["limit_commits_per_s_4"] > 0
         assert result["sagas_per_s_over_limit_1"] > 0
+
+
+HTTP_KEYS = (
+    "python_starts_per_s",
+    "python_start_p50_ms",
+    "python_start_p99_ms",
+    "http_starts_per_s",
+    "http_vs_python",
+    "http_start_p50_ms",
+    "http_start_p99_ms",
+    "polls",
+    "polls_per_s",
+    "poll_p50_ms",
+    "poll_p99_ms",
+    "stored_sagas",
+    "peak_rss_mb",
+)
+
+
+@pytest.mark.postgres
+def test_bench_http_on_postgres(pg_server: str) -> None:
+    """On PostgreSQL, the http workload starts sagas through orch.start() and a saga serve subprocess,
+    polls them over HTTP, and reports every figure (after preloading a few sagas)."""
+    result = bench(
+        "--backend",
+        "postgres",
+        "--database",
+        pg_server,
+        "--workload",
+        "http",
+        "--sagas",
+        "40",
+        "--preload",
+        "30",
+        "--poll-seconds",
+        "0.5",
+    )
+    assert (result["backend"], result["workload"], result["workers"]) == ("postgres", "http", 0)
+    assert result["sagas"] == result["finished"] == 40
+    for key in HTTP_KEYS:
+        assert result[key] > 0, key
+    assert result["http_vs_python"] == pytest.approx(
+        result["http_starts_per_s"] / result["python_starts_per_s"], rel=0.05
+    )
+    assert result["preloaded"] == 30
+    # The preload, and the 40 sagas of each phase with each of the 8 clients' 3 untimed warm-up starts.
+    assert result["stored_sagas"] == 30 + 2 * (40 + 8 * 3)
+
+
+def test_serve_process_is_ended_even_on_error(tmp_path: Path) -> None:
+    """The bench's saga serve subprocess answers while in use, and is gone after an error in the with block."""
+    import httpx
+
+    from orchestrator.bench.server import ServeProcess
+
+    server = ServeProcess(f"sqlite:///{tmp_path / 'serve.db'}")
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def use_then_fail() -> None:
+        with server:
+            assert server.process is not None
+            processes.append(server.process)
+            assert httpx.get(f"{server.base_url}/healthz", timeout=5).status_code == 200
+            raise ZeroDivisionError("the error the server must not outlive")
+
+    with pytest.raises(ZeroDivisionError):
+        use_then_fail()
+    assert processes[0].poll() is not None
+    assert not server.alive()
+
+
+def test_http_workload_refuses_the_memory_backend() -> None:
+    """saga serve runs in another process, so the memory backend is refused before anything starts."""
+    outcome = CliRunner().invoke(cli, ["bench", "--workload", "http", "--backend", "memory"])
+    assert outcome.exit_code == 1
+    assert "--backend sqlite or postgres" in outcome.output
 
 
 def test_bench_status_reads_on_sqlite() -> None:
@@ -100,6 +193,9 @@ def test_percentile_interpolates_between_ranks() -> None:
 
 def test_summary_of_runs_is_the_median_and_the_fewest_finished() -> None:
     """Over several runs each figure is the median, and ``finished`` the worst run's count."""
-    runs = [{"sagas_per_s": 100.0, "finished": 20}, {"sagas_per_s": 300.0, "finished": 19},
-            {"sagas_per_s": 200.0, "finished": 20}]
+    runs = [
+        {"sagas_per_s": 100.0, "finished": 20},
+        {"sagas_per_s": 300.0, "finished": 19},
+        {"sagas_per_s": 200.0, "finished": 20},
+    ]
     assert summarise(runs) == {"sagas_per_s": 200.0, "finished": 19}

@@ -4,29 +4,40 @@ For ``ok``, ``compensate`` and ``wait`` each run has two phases on its own datab
 *unloaded* (one worker, one saga at a time: ``unloaded_p50_ms``) and *load* (W workers,
 N sagas started in batches as fast as the bench can: throughput, latency under load,
 transactions and events per saga, worker RSS). ``status`` stores N sagas and times
-``status()`` and filtered ``list()`` reads. ``--limit`` adds the storage's own ceiling,
-single-row INSERT+COMMIT on 1 and 4 connections on the same database, and every
-throughput as a ratio to it. ``--runs R`` repeats on fresh databases and reports medians.
+``status()`` and filtered ``list()`` reads. ``http`` starts N sagas one ``orch.start()`` at a
+time from C threads (the Python API's rate), then N through ``POST /sagas/BenchOk`` of a
+``saga serve`` subprocess from C clients, then polls ``GET /sagas/{id}`` for a few seconds
+(``--preload P`` first stores P more sagas, so that the polls read a big table). ``--limit``
+adds the storage's own ceiling, single-row INSERT+COMMIT on 1 and 4 connections on the same
+database, and every throughput as a ratio to it. ``--runs R`` repeats on fresh databases and
+reports medians.
 """
 
 from __future__ import annotations
 
 import json
 import resource
+import signal
 import statistics
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from orchestrator import ConfigurationError, Orchestrator, Settings
-from orchestrator.bench import phases
+from orchestrator.bench import clients, phases
 from orchestrator.bench.databases import analyze_status, fresh_database, insert_commit_rate
 from orchestrator.bench.phases import Say, max_event, percentile
+from orchestrator.bench.server import ServeProcess
 from orchestrator.bench.workers import ThreadWorker, WorkerProcesses, Workers
 from orchestrator.bench.workloads import WORKLOADS, app
 
-WORKLOAD_NAMES = (*WORKLOADS, "status")
+WORKLOAD_NAMES = (*WORKLOADS, "status", "http")
+NO_WORKERS = ("status", "http")
+"""The workloads that run no workers: they measure starts and reads."""
 STATUS_SAGAS = 200_000
 """Sagas the ``status`` workload stores unless ``--sagas`` says otherwise."""
 SAGA_SAGAS = 5_000
@@ -73,6 +84,12 @@ class BenchOptions:
     limit_seconds: float = 3.0
     status_calls: int = 2_000
     list_calls: int = 300
+    preload: int = 0
+    """``http``: finished and pending sagas stored before the starts, so that the polls read a big table."""
+    clients: int = 8
+    """``http``: concurrent callers (threads) of ``orch.start()``, of the HTTP starts and of the polls."""
+    poll_seconds: float = 5.0
+    """``http``: how long the callers poll."""
 
     @property
     def count(self) -> int:
@@ -92,7 +109,12 @@ class BenchOptions:
         """Refuse combinations that cannot run, before anything is created."""
         if self.workload not in WORKLOAD_NAMES:
             raise ConfigurationError(f"unknown workload {self.workload!r}; workloads are {', '.join(WORKLOAD_NAMES)}")
-        if self.backend == "memory" and self.workers != 0 and self.workload != "status":
+        if self.workload == "http" and self.backend == "memory":
+            raise ConfigurationError(
+                "the http workload serves the database from a saga serve subprocess, which cannot share"
+                " the memory backend: use --backend sqlite or postgres"
+            )
+        if self.backend == "memory" and self.workers != 0 and self.workload not in NO_WORKERS:
             raise ConfigurationError(
                 "the memory backend lives in one process, so worker processes cannot share it: "
                 "use --workers 0 (one worker in a thread of the bench process)"
@@ -101,6 +123,10 @@ class BenchOptions:
             raise ConfigurationError(f"--database names a PostgreSQL server; --backend {self.backend} makes its own")
         if self.workload == "status" and self.count < 10:
             raise ConfigurationError("the status workload needs --sagas 10 or more")
+        if self.preload and self.workload != "http":
+            raise ConfigurationError("--preload is for --workload http (the status workload stores --sagas itself)")
+        if 0 < self.preload < 10:
+            raise ConfigurationError("--preload stores 10 sagas or more (or 0, nothing)")
 
 
 def run_bench(options: BenchOptions, say: Say) -> dict[str, Any]:
@@ -109,6 +135,9 @@ def run_bench(options: BenchOptions, say: Say) -> dict[str, Any]:
     settings = Settings.from_env()
     if options.workload == "status":
         who = "reads from the bench process"
+    elif options.workload == "http":
+        preload = f", {options.preload} preloaded" if options.preload else ""
+        who = f"{plural(options.clients, 'concurrent caller')}, no workers{preload}"
     elif options.workers == 0:
         who = "1 worker in a thread of the bench process"
     else:
@@ -119,18 +148,19 @@ def run_bench(options: BenchOptions, say: Say) -> dict[str, Any]:
     )
     runs = []
     limit: dict[str, Any] = {}
-    for number in range(1, options.runs + 1):
-        with fresh_database(options.backend, options.database) as url:
-            if options.runs > 1:
-                say(f"run {number} of {options.runs}")
-            runs.append(run_once(options, url, say))
-            if options.limit and not limit:
-                limit = measure_limit(url, options.limit_seconds, say)
+    with sigterm_unwinds():
+        for number in range(1, options.runs + 1):
+            with fresh_database(options.backend, options.database) as url:
+                if options.runs > 1:
+                    say(f"run {number} of {options.runs}")
+                runs.append(run_once(options, url, say))
+                if options.limit and not limit:
+                    limit = measure_limit(url, options.limit_seconds, say)
     result: dict[str, Any] = {
         "backend": options.backend,
         "workload": options.workload,
         "sagas": options.count,
-        "workers": 0 if options.workload == "status" else options.workers,
+        "workers": 0 if options.workload in NO_WORKERS else options.workers,
         **summarise(runs),
         **limit,
     }
@@ -146,11 +176,31 @@ def run_bench(options: BenchOptions, say: Say) -> dict[str, Any]:
     return {key: result.get(key) for key in REQUIRED_KEYS} | {k: v for k, v in result.items() if v is not None}
 
 
+@contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """While the bench runs, SIGTERM unwinds it as Ctrl-C does: the subprocesses it started (workers,
+    ``saga serve``) are ended and its database removed, instead of being left behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def unwind(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_once(options: BenchOptions, url: str, say: Say) -> dict[str, Any]:
     """One run on one fresh database."""
     with app(url) as orch:
         if options.workload == "status":
             return run_status(options, orch, say)
+        if options.workload == "http":
+            return run_http(options, orch, url, say)
         return run_sagas(options, orch, url, say)
 
 
@@ -226,6 +276,83 @@ def run_status(options: BenchOptions, orch: Orchestrator, say: Say) -> dict[str,
     }
 
 
+def run_http(options: BenchOptions, orch: Orchestrator, url: str, say: Say) -> dict[str, Any]:
+    """Preload, start sagas through the Python API, then through ``saga serve``, then poll them over HTTP."""
+    saga = WORKLOADS["ok"].saga
+    figures: dict[str, Any] = {"clients": options.clients, "preloaded": 0}
+    if options.preload:
+        began = time.perf_counter()
+        figures["preloaded"] = len(phases.store_sagas(orch, options.preload, 1_000, say))
+        figures["preload_s"] = time.perf_counter() - began
+        say(f"  preloaded {figures['preloaded']} sagas in {figures['preload_s']:.1f} s")
+        analyze_status(orch)
+    python = clients.python_starts(orch, saga, options.count, options.clients)
+    say(
+        f"  Python API: {python.calls} sagas, one orch.start() each from {plural(options.clients, 'thread')}:"
+        f" {python.per_s:.0f} starts/s, p50 {python.p(50):.1f} ms, p99 {python.p(99):.1f} ms"
+    )
+    with ServeProcess(url) as server:
+        say(f"  saga serve ready on {server.base_url}")
+        try:
+            starts, polls, serve = http_phases(options, orch, server, python.per_s, say)
+        except RuntimeError as error:
+            if not server.alive():  # the clients' error is a consequence: say why the server died
+                raise RuntimeError(server.describe_failure()) from error
+            raise
+    stored = sum(n for states in orch.counts().values() for n in states.values())
+    say(f"  {stored} sagas stored")
+    figures.update(
+        finished=starts.calls,
+        python_starts_per_s=python.per_s,
+        python_start_p50_ms=python.p(50),
+        python_start_p99_ms=python.p(99),
+        http_starts_per_s=starts.per_s,
+        http_vs_python=starts.per_s / python.per_s,
+        http_start_p50_ms=starts.p(50),
+        http_start_p99_ms=starts.p(99),
+        polls=polls.calls,
+        polls_per_s=polls.per_s,
+        poll_p50_ms=polls.p(50),
+        poll_p99_ms=polls.p(99),
+        stored_sagas=stored,
+        python_cpu_ms_per_start=python.cpu_s / python.calls * 1000,
+        client_cpu_ms_per_start=starts.cpu_s / starts.calls * 1000,
+        client_cpu_ms_per_poll=polls.cpu_s / polls.calls * 1000,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **serve,
+    )
+    return figures
+
+
+def http_phases(
+    options: BenchOptions, orch: Orchestrator, server: ServeProcess, python_per_s: float, say: Say
+) -> tuple[clients.Timed, clients.Timed, dict[str, Any]]:
+    """The starts over HTTP, then the polls; with the server's CPU time per request and its peak RSS."""
+    saga = WORKLOADS["ok"].saga
+    before = server.figures()
+    starts = clients.http_starts(server, saga, options.count, options.clients)
+    started = server.figures()
+    say(
+        f"  HTTP: {starts.calls} POST /sagas/{saga.name} from {plural(options.clients, 'client')}:"
+        f" {starts.per_s:.0f} starts/s ({starts.per_s / python_per_s:.0%} of the Python API's),"
+        f" p50 {starts.p(50):.1f} ms, p99 {starts.p(99):.1f} ms"
+    )
+    analyze_status(orch)  # as autovacuum would have by now
+    polling = server.figures()
+    polls = clients.http_polls(server, starts.results, options.clients, options.poll_seconds)
+    after = server.figures()
+    say(
+        f"  HTTP: {polls.calls} GET /sagas/{{id}} from {plural(options.clients, 'client')} in {polls.wall_s:.1f} s:"
+        f" {polls.per_s:.0f} polls/s, p50 {polls.p(50):.2f} ms, p99 {polls.p(99):.2f} ms"
+    )
+    serve: dict[str, Any] = {"serve_peak_rss_mb": after["peak_rss_mb"]}
+    if None not in (before["cpu_s"], started["cpu_s"], polling["cpu_s"], after["cpu_s"]):
+        warmups = options.clients * clients.CLIENT_WARMUP  # the untimed calls cost the server too
+        serve["serve_cpu_ms_per_start"] = (started["cpu_s"] - before["cpu_s"]) / (starts.calls + warmups) * 1000
+        serve["serve_cpu_ms_per_poll"] = (after["cpu_s"] - polling["cpu_s"]) / (polls.calls + warmups) * 1000
+    return starts, polls, serve
+
+
 def measure_limit(url: str, seconds: float, say: Say) -> dict[str, Any]:
     """Single-row INSERT+COMMIT per second on 1 and on 4 connections, on the bench's database."""
     one = insert_commit_rate(url, 1, seconds)
@@ -263,6 +390,11 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             summary[key] = value
     return summary
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 client``, ``8 clients``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def rounded(value: Any) -> Any:

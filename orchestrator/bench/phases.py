@@ -13,9 +13,11 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
+
+import structlog
 
 from orchestrator import Orchestrator, SagaState, SagaStatus, UnexpectedEvent
 from orchestrator.bench.workers import Workers
@@ -217,7 +219,8 @@ def store_sagas(orch: Orchestrator, sagas: int, batch: int, say: Say) -> list[st
     for saga in BENCH_SAGAS:
         ids += orch.start_many(saga, [{"n": n} for n in range(share)])
     began = time.perf_counter()
-    orch.run_worker(wait=False, poll_interval=0.01)
+    with saga_lines_dropped():  # the compensate sagas fail on purpose: that is the data, not news
+        orch.run_worker(wait=False, poll_interval=0.01)
     say(f"  ran {len(ids)} sagas to their end (or their wait) in {time.perf_counter() - began:.1f} s")
     rest = sagas - len(ids)
     processes = FILL_PROCESSES if orch.database.is_postgres and rest >= 20 * batch else 1
@@ -230,6 +233,23 @@ def store_sagas(orch: Orchestrator, sagas: int, batch: int, say: Say) -> list[st
         for part in pool.map(fill, [orch.database.url] * processes, shares, [batch] * processes):
             ids += part
     return ids
+
+
+@contextmanager
+def saga_lines_dropped() -> Iterator[None]:
+    """Drop the log lines about single sagas (their steps failing, say) in this process for a while."""
+    processors = structlog.get_config()["processors"]
+    structlog.configure(processors=[_drop_saga_lines, *processors])
+    try:
+        yield
+    finally:
+        structlog.configure(processors=processors)
+
+
+def _drop_saga_lines(logger: Any, method: str, event: structlog.typing.EventDict) -> structlog.typing.EventDict:
+    if "saga_id" in event:
+        raise structlog.DropEvent
+    return event
 
 
 def fill(url: str, count: int, batch: int, orch: Orchestrator | None = None) -> list[str]:

@@ -109,7 +109,13 @@ def demo(ctx: click.Context, database: str | None, count: int) -> None:
 
 
 @click.command()
-@click.option("--workload", type=click.Choice(["ok", "compensate", "wait", "status"]), default="ok", show_default=True)
+@click.option(
+    "--workload",
+    type=click.Choice(["ok", "compensate", "wait", "status", "http"]),
+    default="ok",
+    show_default=True,
+    help="http: starts through orch.start() vs POST /sagas/BenchOk of a saga serve subprocess, then status polls.",
+)
 @click.option("--backend", type=click.Choice(["sqlite", "postgres", "memory"]), default="sqlite", show_default=True)
 @click.option("--sagas", type=click.IntRange(1), default=None, help="Sagas per run [default: 5000; status: 200000].")
 @click.option(
@@ -132,6 +138,16 @@ def demo(ctx: click.Context, database: str | None, count: int) -> None:
 @click.option("--start-batch", type=click.IntRange(1), default=200, show_default=True, help="Sagas per start_many.")
 @click.option("--concurrency", type=click.IntRange(1), default=None, help="SAGA_CONCURRENCY of the workers.")
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="SAGA_BATCH_SIZE of the workers.")
+@click.option(
+    "--preload",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="http: store this many sagas first, so the polls read a big table; "
+    "the target measurement is --workload http --backend postgres --preload 200000 (poll p99 <= 10 ms).",
+)
+@click.option("--clients", type=click.IntRange(1), default=8, show_default=True, help="http: concurrent callers.")
+@click.option("--poll-seconds", type=click.FloatRange(0.1), default=5.0, show_default=True, help="http: polling time.")
 @click.option("--json-only", is_flag=True, help="Print only the JSON line.")
 @click.pass_context
 def bench(ctx: click.Context, /, json_only: bool, **options: Any) -> None:
