@@ -12,6 +12,7 @@ from orchestrator.errors import (
     OrchestratorError,
     SagaAlreadyStarted,
     SagaNotFound,
+    ScheduleNotFound,
     StorageError,
     StorageUnavailable,
     UnexpectedEvent,
@@ -20,6 +21,7 @@ from orchestrator.errors import (
 )
 from orchestrator.readmodels import HistoryEvent, SagaStatus, StepStatus
 from orchestrator.retry import RetryPolicy
+from orchestrator.schedules import ScheduleSpec, cron, every, once
 from orchestrator.settings import Settings
 from orchestrator.states import SagaState, StepState
 
@@ -42,6 +44,11 @@ __all__ = [
     "Saga",
     "SagaAlreadyStarted",
     "SagaNotFound",
+    "ScheduleNotFound",
+    "ScheduleSpec",
+    "cron",
+    "every",
+    "once",
     "SagaState",
     "SagaStatus",
     "Settings",

@@ -18,7 +18,7 @@ from uuid import uuid4
 from eventsourcing.persistence import IntegrityError
 from pydantic import BaseModel
 
-from orchestrator import metrics
+from orchestrator import metrics, schedules
 from orchestrator.aggregate import SagaAggregate, aggregate_id
 from orchestrator.definition import Saga
 from orchestrator.domain import DomainEvent, DomainEventRecord, SagaEnded, validate_event
@@ -37,6 +37,7 @@ from orchestrator.reads import Reads
 from orchestrator.registry import Registry, SagaRef
 from orchestrator.repository import Repository
 from orchestrator.safety import check_saga_id, check_text, event_payload, short
+from orchestrator.schedules import Scheduler, ScheduleSpec
 from orchestrator.settings import Settings
 from orchestrator.states import SagaState
 from orchestrator.storage import Database, SagaApplication, parse_database_url
@@ -96,7 +97,13 @@ class Orchestrator(Reads):
             for trigger in saga.triggers:
                 self.register_event(trigger.event)
         self.trigger_processor = TriggerProcessor(self.registry, self.repository, self.settings.max_input_bytes)
-        self.side_tasks: builtins.list[SideTask] = [self.notifications, Triggering(self.trigger_processor, self.log)]
+        self.scheduler = Scheduler(self.repository, self.registry, self.settings.max_input_bytes)
+        """Manages schedules (``orch.scheduler.pause(...)``) and fires their due ticks in every worker."""
+        self.side_tasks: builtins.list[SideTask] = [
+            self.notifications,
+            Triggering(self.trigger_processor, self.log),
+            self.scheduler,
+        ]
         """Tasks every worker of this orchestrator runs between rounds (schedulers, notifiers)."""
 
     # Lifecycle
@@ -144,6 +151,23 @@ class Orchestrator(Reads):
                 raise InvalidInput(f"event id {short(event_id)} was already used for another event") from None
         self.repository.wake_workers()
         return event_id
+
+    def schedule(
+        self, saga: SagaRef, spec: ScheduleSpec | None = None, *, schedule_id: str | None = None, **options: Any
+    ) -> str:
+        """Create a schedule at run time and return its id: ``cron="0 8 * * MON"``, ``every=`` (seconds or
+        a timedelta) or ``at=`` (once), with ``tz``, ``input``, ``catch_up``, ``overlap``, ``jitter``,
+        ``start`` and ``end`` as keywords (or a ready ``cron(...)``/``every(...)``/``once(...)``).
+
+        With the id of an existing schedule it edits it. ``orch.scheduler`` pauses, resumes, triggers,
+        backfills, lists and deletes schedules; every worker fires the due ticks, each exactly once.
+        """
+        if spec is None:
+            spec = schedules.build(InvalidInput, **options)
+        elif options:
+            raise InvalidInput("schedule() takes a spec or keywords, not both")
+        with self.repository.translating("creating a schedule"):
+            return self.scheduler.create(saga, spec, schedule_id)
 
     def add_projection(self, projection: Follower) -> None:
         """Register a read model to keep from the log (``saga projections run`` keeps them current)."""

@@ -13,11 +13,11 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, Generic, TypeVar, get_args, get_origin
 
 import structlog
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from orchestrator.domain import check_triggers
 from orchestrator.errors import DefinitionError
-from orchestrator.safety import JSON_OBJECT
+from orchestrator.safety import JSON_OBJECT, problems
 from orchestrator.steps import (
     Compensation,
     Fn,
@@ -65,6 +65,8 @@ class Saga(Generic[InputT], metaclass=_SagaMeta):
     input_model: ClassVar[type[BaseModel]]
     search: ClassVar[list[str]] = []
     """Input fields the list filters can match (``orch.list(search={"employee": "ada"})``)."""
+    schedules: ClassVar[list[Any]] = []
+    """When the clock starts this saga: ``[cron("0 2 * * *", tz="Europe/Berlin", input=...)]``."""
     triggers: ClassVar[list[Any]] = []
     """Domain events that start this saga: ``[on(ClaimSubmitted, when=..., input=...)]``."""
     on_finished: ClassVar[Any] = None
@@ -117,6 +119,7 @@ class Saga(Generic[InputT], metaclass=_SagaMeta):
         cls.nodes = _collect_nodes(cls)
         cls.step_map = {node.name: node for node in cls.nodes if isinstance(node, StepDef)}
         cls.triggers = check_triggers(cls, cls.triggers)
+        cls.schedules = _check_schedules(cls, cls.schedules)
         if cls.on_finished is not None:
             _check_call(cls, cls.on_finished, "completion hook", ("self", "status"))
 
@@ -202,6 +205,26 @@ def _collect_nodes(cls: type) -> tuple[Node, ...]:
     if not steps:
         raise DefinitionError(f"{cls.__qualname__} has no @step")
     return tuple(nodes)
+
+
+def _check_schedules(cls: type, schedules: Any) -> list[Any]:
+    from orchestrator.schedules.spec import ScheduleSpec
+
+    if not isinstance(schedules, list | tuple) or not all(isinstance(s, ScheduleSpec) for s in schedules):
+        raise DefinitionError(f"{cls.__qualname__}.schedules is a list of cron(...), every(...) or once(...)")
+    names = [s.name or str(i) for i, s in enumerate(schedules)]
+    if len(set(names)) != len(names):
+        raise DefinitionError(f"{cls.__qualname__} has two schedules named alike")
+    model: type[BaseModel] = cls.input_model  # type: ignore[attr-defined]
+    for spec in schedules:
+        try:
+            model.model_validate(spec.input)
+        except ValidationError as error:
+            problem = problems(error)
+            raise DefinitionError(
+                f"{cls.__qualname__}: a schedule's input does not fit {model.__name__}: {problem}"
+            ) from None
+    return list(schedules)
 
 
 def _check_call(cls: type, fn: Fn, kind: str, params: tuple[str, ...]) -> None:

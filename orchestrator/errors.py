@@ -23,6 +23,10 @@ class SagaNotFound(OrchestratorError, LookupError):
     """No saga with this id has been started."""
 
 
+class ScheduleNotFound(OrchestratorError, LookupError):
+    """No schedule with this id was created."""
+
+
 class SagaAlreadyStarted(OrchestratorError):
     """A saga with this id was already started, with a different saga or input."""
 

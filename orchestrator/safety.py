@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import orjson
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from orchestrator.errors import InvalidInput
 
@@ -160,9 +160,22 @@ def escape(text: str, *, newlines: bool = False) -> str:
 
 
 def one_line(error: BaseException) -> str:
-    """An error's message on one line (pydantic's span several), storable and cut to a readable length."""
-    text = clean_error(" ".join(str(error).split()))
+    """An error's message on one line (pydantic's span several), storable and cut to a readable length.
+
+    A validation error reads ``field: what is wrong; ...`` (without the values: they may be secrets)."""
+    text = problems(error) if isinstance(error, ValidationError) else " ".join(str(error).split())
+    text = clean_error(text)
     return text if len(text) <= 500 else text[:499] + "…"
+
+
+def problems(error: ValidationError) -> str:
+    """A validation error's problems on one line, each as ``where: what`` (pydantic's ``Value error,``
+    prefix of a validator's message left out)."""
+    found = []
+    for problem in error.errors(include_url=False):
+        where = ".".join(str(part) for part in problem["loc"]) or error.title
+        found.append(f"{where}: {problem['msg'].removeprefix('Value error, ')}")
+    return "; ".join(found)
 
 
 def event_payload(data: Any, max_bytes: int) -> dict[str, Any]:

@@ -60,3 +60,45 @@ def test_projections_rebuild_reports_counts(run: CliRunner) -> None:
     result = run.invoke(cli, ["projections", "rebuild"])
     assert result.exit_code == 0, result.output
     assert "rebuilt saga status: 1 sagas" in result.output
+
+
+def test_schedules_add_list_pause_resume_trigger_backfill_delete(run: CliRunner) -> None:
+    """Each `saga schedules` command does its one thing, and a bad cron or time zone exits 1 writing nothing."""
+    added = run.invoke(
+        cli,
+        [*("schedules", "add", "Ship", "--id", "weekly", "--cron", "0 8 * * MON"), "--input", '{"item": "crate"}'],
+    )
+    assert (added.exit_code, added.output.strip()) == (0, "weekly")
+    for bad, message in [
+        (["--cron", "0 8 * * FOO"], "not a cron expression"),
+        (["--tz", "Mars/Base"], "unknown time zone"),
+    ]:
+        options = ["--cron", "0 8 * * *", "--input", '{"item": "x"}']
+        result = run.invoke(cli, ["schedules", "add", "Ship", "--id", "bad", *options, *bad])
+        assert result.exit_code == 1
+        assert message in result.output
+    listed = run.invoke(cli, ["schedules", "list", "--json"])
+    rows = [json.loads(line) for line in listed.output.splitlines()]
+    assert [(r["schedule_id"], r["spec"]["cron"], r["next_fire_at"][-6:]) for r in rows] == [
+        ("weekly", "0 8 * * MON", "+00:00")
+    ]
+    assert run.invoke(cli, ["schedules", "pause", "weekly", "--reason", "holiday"]).exit_code == 0
+    assert "paused: holiday" in run.invoke(cli, ["schedules", "list"]).output
+    assert run.invoke(cli, ["schedules", "resume", "weekly"]).exit_code == 0
+    fired = run.invoke(cli, ["schedules", "trigger", "weekly"])
+    assert fired.stdout.startswith("schedule:weekly:manual:")
+    window = ["--from", "2026-11-02T00:00:00+00:00", "--to", "2026-11-17T00:00:00+00:00"]
+    backfilled = run.invoke(cli, ["schedules", "backfill", "weekly", *window])
+    assert backfilled.stdout.split() == [
+        "schedule:weekly:2026-11-02T08:00:00+00:00",
+        "schedule:weekly:2026-11-09T08:00:00+00:00",
+        "schedule:weekly:2026-11-16T08:00:00+00:00",
+    ]
+    assert run.invoke(cli, ["worker", "--drain"]).exit_code == 0
+    completed = run.invoke(cli, ["list", "--state", "completed", "--json"]).output.splitlines()
+    assert len(completed) == 4
+    assert run.invoke(cli, ["schedules", "delete", "weekly"]).exit_code == 0
+    assert run.invoke(cli, ["schedules", "list", "--json"]).output == ""
+    gone = run.invoke(cli, ["schedules", "trigger", "weekly"])
+    assert gone.exit_code == 1
+    assert "was deleted" in gone.output

@@ -13,6 +13,7 @@ from eventsourcing.persistence import PersistenceError
 from pydantic import ValidationError
 
 from orchestrator.cli import commands, run
+from orchestrator.cli.schedules import schedules
 from orchestrator.errors import OrchestratorError
 from orchestrator.logging import configure_logging
 from orchestrator.safety import escape
@@ -51,7 +52,7 @@ def cli(ctx: click.Context, log_level: str | None, json_logs: bool | None) -> No
     )
 
 
-for command in [*commands.COMMANDS, *run.COMMANDS]:
+for command in [*commands.COMMANDS, *run.COMMANDS, schedules]:
     cli.add_command(command)
 
 

@@ -99,6 +99,31 @@ def timeline_table(entries: Sequence[TimelineEntry]) -> str:
     ).rstrip()
 
 
+def schedule_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A plain-text table of schedules, one line each."""
+    table = [("SCHEDULE ID", "SAGA", "WHEN", "NEXT", "LAST SAGA", "STATE")]
+    for row in rows:
+        spec = row["spec"]
+        when = spec.get("cron") or (f"every {spec['every']:g} s" if "every" in spec else f"at {spec.get('at')}")
+        state = (
+            f"paused: {row['reason']}" if row["paused"] and row["reason"] else "paused" if row["paused"] else "active"
+        )
+        table.append(
+            (
+                _cell(row["schedule_id"], 50),
+                _cell(row["saga"], 40),
+                _cell(f"{when} ({spec.get('tz', 'UTC')})", 40),
+                row["next_fire_at"] or "-",
+                _cell(row["last_saga_id"] or "-", 70),
+                _cell(state, 80),
+            )
+        )
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]) - 1)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(r, widths, strict=False)) + "  " + r[-1] for r in table
+    ).rstrip()
+
+
 def _cell(text: str, width: int) -> str:
     text = escape(text)
     return text if len(text) <= width else text[: width - 1] + "…"

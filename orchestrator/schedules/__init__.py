@@ -1,0 +1,7 @@
+"""Schedules: sagas started by the clock (cron, interval or once), exactly once per tick."""
+
+from orchestrator.errors import ScheduleNotFound
+from orchestrator.schedules.service import ROWS, Scheduler
+from orchestrator.schedules.spec import ScheduleSpec, build, cron, every, once
+
+__all__ = ["ROWS", "ScheduleNotFound", "ScheduleSpec", "Scheduler", "build", "cron", "every", "once"]
