@@ -2,7 +2,7 @@
 
 from orchestrator.client import Orchestrator
 from orchestrator.definition import Saga, step, wait_for
-from orchestrator.domain import DomainEvent, EventInfo, SagaEnded, Trigger, on
+from orchestrator.domain import ChangeTrigger, DomainEvent, EventInfo, SagaEnded, Trigger, on, on_change
 from orchestrator.errors import (
     ConfigurationError,
     DefinitionError,
@@ -33,6 +33,8 @@ __all__ = [
     "Trigger",
     "UnknownEvent",
     "on",
+    "on_change",
+    "ChangeTrigger",
     "DefinitionError",
     "HistoryEvent",
     "InvalidInput",

@@ -9,19 +9,21 @@ from __future__ import annotations
 import builtins
 import os
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 from uuid import uuid4
 
+from eventsourcing.application import Application
 from eventsourcing.persistence import IntegrityError
 from pydantic import BaseModel
 
 from orchestrator import metrics, schedules
 from orchestrator.aggregate import SagaAggregate, aggregate_id
+from orchestrator.changes import Changes
 from orchestrator.definition import Saga
-from orchestrator.domain import DomainEvent, DomainEventRecord, SagaEnded, validate_event
+from orchestrator.domain import DomainEvent, DomainEventRecord, SagaEnded, Trigger, validate_event
 from orchestrator.errors import (
     DefinitionError,
     InvalidInput,
@@ -62,7 +64,10 @@ class Orchestrator(Reads):
 
     ``database`` is a URL (``sqlite:///path``, ``postgresql://...``, ``memory://``); without
     it ``settings.database_url`` is used, which ``Settings.from_env()`` reads from
-    ``SAGA_DATABASE_URL`` and which defaults to the SQLite file ``sagaworks.db``.
+    ``SAGA_DATABASE_URL`` and which defaults to the SQLite file ``sagaworks.db``. ``upstreams``
+    says where the applications that ``on_change(...)`` triggers follow keep their events (a
+    database URL, or the application instance); by default in this orchestrator's PostgreSQL
+    database (on SQLite they need a file of their own).
     """
 
     def __init__(
@@ -73,6 +78,7 @@ class Orchestrator(Reads):
         settings: Settings | None = None,
         projections: Iterable[Follower] = (),
         events: Iterable[type[DomainEvent]] = (),
+        upstreams: Mapping[type[Application[Any]], str | Application[Any]] | None = None,
     ) -> None:
         self.settings = settings or Settings.from_env()
         self.database: Database = parse_database_url(database or self.settings.database_url)
@@ -94,14 +100,18 @@ class Orchestrator(Reads):
         for event_type in events:
             self.register_event(event_type)
         for saga in self.registry:
-            for trigger in saga.triggers:
-                self.register_event(trigger.event)
+            self._register_events(saga)
         self.trigger_processor = TriggerProcessor(self.registry, self.repository, self.settings.max_input_bytes)
+        self.changes = Changes(
+            self.registry, self.repository, self.database, upstreams or {}, self.settings.max_input_bytes
+        )
+        """Follows the upstream applications that sagas' ``on_change(...)`` triggers name."""
         self.scheduler = Scheduler(self.repository, self.registry, self.settings.max_input_bytes)
         """Manages schedules (``orch.scheduler.pause(...)``) and fires their due ticks in every worker."""
         self.side_tasks: builtins.list[SideTask] = [
             self.notifications,
             Triggering(self.trigger_processor, self.log),
+            self.changes,
             self.scheduler,
         ]
         """Tasks every worker of this orchestrator runs between rounds (schedulers, notifiers)."""
@@ -111,8 +121,12 @@ class Orchestrator(Reads):
     def register(self, saga: type[Saga[Any]]) -> None:
         """Add a saga class to the registry (explicitly: importing a module registers nothing)."""
         self.registry.register(saga)
+        self._register_events(saga)
+
+    def _register_events(self, saga: type[Saga[Any]]) -> None:
         for trigger in saga.triggers:
-            self.register_event(trigger.event)
+            if isinstance(trigger, Trigger):
+                self.register_event(trigger.event)
 
     def register_event(self, event_type: type[DomainEvent]) -> None:
         """Make a domain event known by its name (for ``emit(name, data)`` and ``POST /events/{name}``)."""

@@ -15,8 +15,9 @@ from datetime import datetime
 from typing import Any, ClassVar
 from uuid import NAMESPACE_URL, UUID, uuid5
 
+from eventsourcing.application import Application
 from eventsourcing.domain import BaseAggregate, CanInitAggregate
-from eventsourcing.utils import register_topic
+from eventsourcing.utils import get_topic, register_topic
 from pydantic import BaseModel, ConfigDict
 
 from orchestrator.errors import DefinitionError
@@ -172,10 +173,54 @@ def on(
     return Trigger(event, when, input, name)
 
 
-def check_triggers(cls: type, triggers: Sequence[Any]) -> list[Trigger]:
-    """A saga class's ``triggers``, each an ``on(...)``; ``DefinitionError`` otherwise."""
-    if not isinstance(triggers, list | tuple) or not all(isinstance(t, Trigger) for t in triggers):
-        raise DefinitionError(f"{cls.__qualname__}.triggers is a list of on(EventClass, ...), not {short(triggers)}")
+@dataclass(frozen=True)
+class ChangeTrigger:
+    """One event type of an upstream application that starts a saga, with a condition and an input mapping."""
+
+    upstream: type[Application[Any]]
+    event: type
+    when: Callable[[Any], bool] | None = None
+    input: Callable[[Any], BaseModel | dict[str, Any]] | None = None
+    name: str | None = None
+    """Names the trigger in saga ids and decisions; default ``<saga>.on.<upstream>.<event>``."""
+
+    @property
+    def topic(self) -> str:
+        """The upstream event's stored topic (what the upstream log is filtered by)."""
+        return get_topic(self.event)
+
+    def named(self, saga: str) -> str:
+        """The trigger's name within ``saga``."""
+        return self.name or f"{saga}.on.{self.upstream.name}.{self.event.__qualname__.rsplit('.', 1)[-1]}"
+
+
+def on_change(
+    upstream: type[Application[Any]],
+    event: type,
+    *,
+    when: Callable[[Any], bool] | None = None,
+    input: Callable[[Any], BaseModel | dict[str, Any]] | None = None,
+    name: str | None = None,
+) -> ChangeTrigger:
+    """Start the saga for each ``event`` the ``upstream`` application records (when ``when(event)``);
+    its input is ``input(event)``, by default the event's fields and its ``originator_id``."""
+    if not (isinstance(upstream, type) and issubclass(upstream, Application)):
+        raise DefinitionError(f"on_change() takes an eventsourcing Application class, not {upstream!r}")
+    if not isinstance(event, type):
+        raise DefinitionError(f"on_change({upstream.__name__}, ...) takes the upstream's event class, not {event!r}")
+    for what, fn in (("when", when), ("input", input)):
+        if fn is not None and not callable(fn):
+            raise DefinitionError(f"on_change({upstream.__name__}, {what}=...) must be callable, not {fn!r}")
+    return ChangeTrigger(upstream, event, when, input, name)
+
+
+def check_triggers(cls: type, triggers: Sequence[Any]) -> list[Trigger | ChangeTrigger]:
+    """A saga class's ``triggers``, each an ``on(...)`` or ``on_change(...)``; ``DefinitionError`` otherwise."""
+    if not isinstance(triggers, list | tuple) or not all(isinstance(t, Trigger | ChangeTrigger) for t in triggers):
+        raise DefinitionError(
+            f"{cls.__qualname__}.triggers is a list of on(EventClass, ...) or on_change(App, EventClass, ...), "
+            f"not {short(triggers)}"
+        )
     names = [t.named(cls.__name__) for t in triggers]
     if len(set(names)) != len(names):
         raise DefinitionError(f"{cls.__qualname__} has two triggers named alike: give them name=...")

@@ -17,7 +17,7 @@ from functools import cached_property
 from typing import Any, Protocol
 from uuid import UUID
 
-from eventsourcing.persistence import IntegrityError, StoredEvent, Tracking
+from eventsourcing.persistence import ApplicationRecorder, IntegrityError, Notification, StoredEvent, Tracking
 
 from orchestrator import events as ev
 from orchestrator.domain import DomainEventRecorded
@@ -118,6 +118,21 @@ class Lag:
     """Age of the oldest notification it has not processed (0 when it is caught up)."""
 
 
+def read_batch(
+    recorder: ApplicationRecorder, position: int, limit: int, topics: Sequence[str] = ()
+) -> tuple[Sequence[Notification], int]:
+    """The notifications after ``position`` (of ``topics``; all if none), and the position reached.
+
+    A short batch means the log was read up to its head: the position moves past the events the
+    reader does not want, so its lag says what is really left.
+    """
+    head = recorder.max_notification_id() or 0
+    if head <= position:
+        return [], position
+    notifications = recorder.select_notifications(position, limit, stop=head, topics=topics, inclusive_of_start=False)
+    return notifications, notifications[-1].id if len(notifications) == limit else head
+
+
 class Log:
     """Reads the saga log for followers: batches after a position, filtered by type, with histories."""
 
@@ -134,16 +149,10 @@ class Log:
         index = store.index
         name = tracking_name(follower.name)
         position = index.tracked(name) or 0
-        head = store.recorder.max_notification_id() or 0
-        if head <= position:
-            return 0
         topics = [TOPICS[t] for t in follower.events] if follower.events else []
-        notifications = store.recorder.select_notifications(
-            position, limit, stop=head, topics=topics, inclusive_of_start=False
-        )
-        # A short batch means the log was read up to the head: the position moves past the
-        # events this follower does not want, so its lag says what is really left.
-        reached = notifications[-1].id if len(notifications) == limit else head
+        notifications, reached = read_batch(store.recorder, position, limit, topics)
+        if reached == position:
+            return 0
         uuids = list(dict.fromkeys(UUID(str(n.originator_id)) for n in notifications))
         histories: dict[UUID, list[StoredEvent]] = {}
         for record in index.select_events_many(uuids):

@@ -14,19 +14,19 @@ event, so even an event recorded twice cannot start two.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
-from eventsourcing.persistence import IntegrityError, Tracking
+from eventsourcing.persistence import Tracking
 from pydantic import ValidationError
 
 from orchestrator import events as ev
 from orchestrator.aggregate import SagaAggregate
 from orchestrator.domain import DomainEventRecorded, SagaEnded, Trigger
-from orchestrator.errors import OrchestratorError
 from orchestrator.following import Change
 from orchestrator.readmodels.status import index_entry
-from orchestrator.safety import clean_error
+from orchestrator.safety import clean_error, one_line
 from orchestrator.storage import SagaIndex
 
 if TYPE_CHECKING:
@@ -60,7 +60,8 @@ class TriggerProcessor:
         found: dict[str, list[tuple[type[Saga[Any]], Trigger]]] = {}
         for saga in self.registry:
             for trigger in saga.triggers:
-                found.setdefault(trigger.event.event_name, []).append((saga, trigger))
+                if isinstance(trigger, Trigger):  # not on_change(...): the upstreams' processors do those
+                    found.setdefault(trigger.event.event_name, []).append((saga, trigger))
         return found
 
     def record(self, changes: list[Change], tracking: Tracking, index: SagaIndex) -> None:
@@ -85,15 +86,10 @@ class TriggerProcessor:
         label = trigger.named(saga.name)
         try:
             event = trigger.event.model_validate(data)
-            if trigger.when is not None and not trigger.when(event):
-                return {"trigger": label, "skipped": "condition is false"}, None
-            given = trigger.input(event) if trigger.input is not None else data
-            saga_id = f"{label}:{event_id}"[:200]
-            aggregate = SagaAggregate.begin(saga, given, saga_id, None, self.max_bytes)
-        except (ValidationError, OrchestratorError, Exception) as error:  # a user's condition or mapping
-            reason = clean_error(f"{type(error).__name__}: {' '.join(str(error).split())}"[:500])
-            return {"trigger": label, "skipped": reason}, None
-        return {"trigger": label, "started": aggregate.run.saga_id}, aggregate
+        except ValidationError as error:
+            return {"trigger": label, "skipped": skip_reason(error)}, None
+        saga_id = f"{label}:{event_id}"[:200]
+        return decide(saga, label, saga_id, event, trigger.when, trigger.input, data, self.max_bytes)
 
     def _write(
         self,
@@ -102,22 +98,9 @@ class TriggerProcessor:
         tracking: Tracking,
         index: SagaIndex,
     ) -> None:
-        rows = [(DECISIONS, event_id, orjson.dumps(d)) for event_id, d in decisions.items()]
-        if starts:
-            # A saga of that id exists already (started by hand, or by an earlier run of this very
-            # batch whose acknowledgement was lost): it is not started again.
-            existing, _ = self.repository.load_many([a.id for a in starts])
-            starts = [a for a in starts if a.id not in existing]
-        if not starts:
-            index.write_rows(DECISIONS, {key: doc for _, key, doc in rows}, tracking)
-            return
-        events = [event for aggregate in starts for event in aggregate.collect_events()]
-        entries = [index_entry(aggregate) for aggregate in starts]
-        try:
-            self.repository.store.events.put(events, tracking=tracking, index=entries, rows=rows)
-        except IntegrityError:
-            raise  # the batch was recorded by someone else (or a saga id was taken meanwhile): read again
-        self.repository.wake_workers()
+        record_starts(
+            self.repository, starts, [(DECISIONS, key, orjson.dumps(d)) for key, d in decisions.items()], tracking
+        )
 
     def reset(self, index: SagaIndex) -> None:
         from orchestrator.following import tracking_name
@@ -138,6 +121,60 @@ class Triggering:
         if not self.processor.triggers():
             return 5.0
         return 0.0 if self.log.catch_up(self.processor) else 0.5
+
+
+def decide(
+    saga: type[Saga[Any]],
+    label: str,
+    saga_id: str,
+    event: Any,
+    when: Callable[[Any], bool] | None,
+    mapping: Callable[[Any], Any] | None,
+    default: dict[str, Any],
+    max_bytes: int,
+) -> tuple[dict[str, Any], SagaAggregate | None]:
+    """What a trigger does with one event: start ``saga`` (its input ``mapping(event)``, else ``default``)
+    unless ``when(event)`` is false; a condition or mapping that raises, or bad input, skips it visibly."""
+    try:
+        if when is not None and not when(event):
+            return {"trigger": label, "skipped": "condition is false"}, None
+        given = mapping(event) if mapping is not None else default
+        aggregate = SagaAggregate.begin(saga, given, saga_id, None, max_bytes)
+    except Exception as error:  # a user's condition or mapping, or input the saga refuses
+        return {"trigger": label, "skipped": skip_reason(error)}, None
+    return {"trigger": label, "started": aggregate.run.saga_id}, aggregate
+
+
+def skip_reason(error: BaseException) -> str:
+    """Why an event started nothing, on one line (the exception's type and message)."""
+    return clean_error(f"{type(error).__name__}: {one_line(error)}"[:500])
+
+
+def record_starts(
+    repository: Repository, starts: list[SagaAggregate], rows: list[tuple[str, str, bytes | None]], tracking: Tracking
+) -> None:
+    """Start ``starts`` and write the decision ``rows`` with the follower's new position, in one transaction.
+
+    A saga whose id exists already (started by hand, or by an earlier run of this very batch whose
+    acknowledgement was lost) is not started again. ``IntegrityError``: someone else recorded this
+    batch (or took a saga id meanwhile); nothing was written, read again.
+    """
+    if starts:
+        existing, _ = repository.load_many([a.id for a in starts])
+        starts = [a for a in starts if a.id not in existing]
+    if not starts:
+        by_projection: dict[str, dict[str, bytes | None]] = {}
+        for projection, key, doc in rows:
+            by_projection.setdefault(projection, {})[key] = doc
+        if not by_projection:
+            by_projection[DECISIONS] = {}
+        for projection, found in by_projection.items():
+            repository.index.write_rows(projection, found, tracking)
+        return
+    events = [event for aggregate in starts for event in aggregate.collect_events()]
+    entries = [index_entry(aggregate) for aggregate in starts]
+    repository.store.events.put(events, tracking=tracking, index=entries, rows=rows)
+    repository.wake_workers()
 
 
 def domain_event(change: Change) -> tuple[str, str, dict[str, Any]] | None:
