@@ -19,6 +19,7 @@ from orchestrator.errors import (
     UnknownEvent,
     UnknownSaga,
 )
+from orchestrator.limits import Limits
 from orchestrator.readmodels import HistoryEvent, SagaStatus, StepStatus
 from orchestrator.retry import RetryPolicy
 from orchestrator.schedules import ScheduleSpec, cron, every, once
@@ -39,6 +40,7 @@ __all__ = [
     "HistoryEvent",
     "InvalidInput",
     "InvalidTransition",
+    "Limits",
     "NonRetryable",
     "Orchestrator",
     "OrchestratorError",

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from orchestrator import events as ev
 from orchestrator.definition import Saga
 from orchestrator.errors import InvalidInput
+from orchestrator.limits import Limits
 from orchestrator.machine import (
     Finish,
     LeaseExpired,
@@ -27,7 +28,7 @@ from orchestrator.machine import (
 )
 from orchestrator.registry import plan_of, search_values, validate_input
 from orchestrator.retry import RetryPolicy
-from orchestrator.safety import check_saga_id, check_url, short
+from orchestrator.safety import check_saga_id, check_url, one_line, short
 from orchestrator.states import SagaState
 
 TOPIC = "sagaworks.Saga"
@@ -85,8 +86,10 @@ class SagaAggregate(BaseAggregate[UUID]):
         now: datetime,
         start_at: datetime | None,
         notify: str | None = None,
+        queue: tuple[str, str, str] | None = None,
     ) -> SagaAggregate:
-        """A new saga, with its ``SagaStarted`` pending."""
+        """A new saga, with its ``SagaStarted`` pending; with ``queue`` (pool, key, reason) it is queued."""
+        pool_name, pool_key, queued = queue or (None, "", None)
         event = ev.SagaStarted(
             originator_id=aggregate_id(saga_id),
             originator_version=cls.INITIAL_VERSION,
@@ -99,6 +102,9 @@ class SagaAggregate(BaseAggregate[UUID]):
             start_at=start_at,
             search=search_values(saga, input),
             notify=notify,
+            pool=pool_name,
+            pool_key=pool_key,
+            queued=queued,
         )
         aggregate = event.mutate(None)
         assert isinstance(aggregate, SagaAggregate)
@@ -114,14 +120,27 @@ class SagaAggregate(BaseAggregate[UUID]):
         start_at: datetime | None,
         max_bytes: int,
         notify: str | None = None,
+        pool: tuple[str, Limits] | None = None,
     ) -> SagaAggregate:
-        """A new saga of a registered class, its ``SagaStarted`` pending, once its input and id pass."""
+        """A new saga of a registered class, its ``SagaStarted`` pending, once its input and id pass.
+
+        It runs under ``pool``'s limits (a trigger's), else under its class's ``limits``, if any."""
         saga_id = uuid4().hex if saga_id is None else check_saga_id(saga_id)
         payload = validate_input(saga, data, max_bytes)
         if start_at is not None and (not isinstance(start_at, datetime) or start_at.utcoffset() is None):
             raise InvalidInput(f"start_at must be a timezone-aware datetime, not {short(start_at)}")
         url = None if notify is None else check_url(notify)
-        return cls.start(saga, saga_id, payload, datetime.now(UTC), start_at, url)
+        if pool is None and saga.limits is not None:
+            pool = (saga.name, saga.limits)
+        queue = None
+        if pool is not None:
+            name, limits = pool
+            try:
+                key = limits.key(saga.input_model.model_validate(payload))
+            except Exception as error:  # the user's per= function
+                raise InvalidInput(f"the limits of {saga.name} cannot key this input: {one_line(error)}") from None
+            queue = (name, key, limits.reason(key))
+        return cls.start(saga, saga_id, payload, datetime.now(UTC), start_at, url, queue)
 
     def __init__(self) -> None:
         """Aggregates are made by ``start`` or replay, never directly."""
@@ -254,6 +273,10 @@ class SagaAggregate(BaseAggregate[UUID]):
     def deliver(self, event: str, data: dict[str, Any], now: datetime) -> None:
         """Record an event sent to the saga (the caller checked ``run.expects``)."""
         self._record(ev.EventReceived, now, event=event, data=data)
+
+    def admit(self, now: datetime) -> None:
+        """Let a queued saga in (the admission pass checked its pool has room)."""
+        self._record(ev.SagaAdmitted, now)
 
     def cancel(self, reason: str | None, now: datetime) -> None:
         """Record a cancellation (the caller checked the saga is not finished)."""

@@ -93,8 +93,10 @@ class ChangeProcessor:
                     continue
                 label = trigger.named(saga.name)
                 saga_id = f"{label}:{event.originator_id}:{event.originator_version}"[:200]
+                pool = None if trigger.limits is None else (label, trigger.limits)
+                fields = event_fields(event)
                 decision, aggregate = decide(
-                    saga, label, saga_id, event, trigger.when, trigger.input, event_fields(event), self.max_bytes
+                    saga, label, saga_id, event, trigger.when, trigger.input, fields, self.max_bytes, pool
                 )
                 decisions.append(decision)
                 if aggregate is not None:

@@ -20,6 +20,7 @@ from eventsourcing.persistence import IntegrityError
 from pydantic import BaseModel
 
 from orchestrator import metrics, schedules
+from orchestrator.admission import Admission
 from orchestrator.aggregate import SagaAggregate, aggregate_id
 from orchestrator.changes import Changes
 from orchestrator.definition import Saga
@@ -106,12 +107,15 @@ class Orchestrator(Reads):
             self.registry, self.repository, self.database, upstreams or {}, self.settings.max_input_bytes
         )
         """Follows the upstream applications that sagas' ``on_change(...)`` triggers name."""
+        self.admission = Admission(self.registry, self.repository, utcnow)
+        """Lets queued sagas in as their pools' limits allow (in every worker)."""
         self.scheduler = Scheduler(self.repository, self.registry, self.settings.max_input_bytes)
         """Manages schedules (``orch.scheduler.pause(...)``) and fires their due ticks in every worker."""
         self.side_tasks: builtins.list[SideTask] = [
             self.notifications,
             Triggering(self.trigger_processor, self.log),
             self.changes,
+            self.admission,
             self.scheduler,
         ]
         """Tasks every worker of this orchestrator runs between rounds (schedulers, notifiers)."""

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from orchestrator.domain import check_triggers
 from orchestrator.errors import DefinitionError
+from orchestrator.limits import Limits
 from orchestrator.safety import JSON_OBJECT, problems
 from orchestrator.steps import (
     Compensation,
@@ -67,6 +68,8 @@ class Saga(Generic[InputT], metaclass=_SagaMeta):
     """Input fields the list filters can match (``orch.list(search={"employee": "ada"})``)."""
     schedules: ClassVar[list[Any]] = []
     """When the clock starts this saga: ``[cron("0 2 * * *", tz="Europe/Berlin", input=...)]``."""
+    limits: ClassVar[Any] = None
+    """How many run at once and how fast they start: ``Limits(max_running=10, per=..., starts_per_second=50)``."""
     triggers: ClassVar[list[Any]] = []
     """Domain events that start this saga: ``[on(ClaimSubmitted, when=..., input=...)]``."""
     on_finished: ClassVar[Any] = None
@@ -120,6 +123,8 @@ class Saga(Generic[InputT], metaclass=_SagaMeta):
         cls.step_map = {node.name: node for node in cls.nodes if isinstance(node, StepDef)}
         cls.triggers = check_triggers(cls, cls.triggers)
         cls.schedules = _check_schedules(cls, cls.schedules)
+        if cls.limits is not None and not isinstance(cls.limits, Limits):
+            raise DefinitionError(f"{cls.__qualname__}.limits is a Limits(...), not {cls.limits!r}")
         if cls.on_finished is not None:
             _check_call(cls, cls.on_finished, "completion hook", ("self", "status"))
 

@@ -21,6 +21,7 @@ from eventsourcing.utils import get_topic, register_topic
 from pydantic import BaseModel, ConfigDict
 
 from orchestrator.errors import DefinitionError
+from orchestrator.limits import Limits
 from orchestrator.safety import short
 from orchestrator.steps import is_name
 
@@ -150,6 +151,8 @@ class Trigger:
     input: Callable[[Any], BaseModel | dict[str, Any]] | None = None
     name: str | None = None
     """Names the trigger in saga ids and decisions; default ``<saga>.on.<event>``."""
+    limits: Limits | None = None
+    """Limits for the sagas this trigger starts (a pool named after the trigger), instead of the saga's."""
 
     def named(self, saga: str) -> str:
         """The trigger's name within ``saga``."""
@@ -162,6 +165,7 @@ def on(
     when: Callable[[Any], bool] | None = None,
     input: Callable[[Any], BaseModel | dict[str, Any]] | None = None,
     name: str | None = None,
+    limits: Limits | None = None,
 ) -> Trigger:
     """Start the saga whenever ``event`` is recorded and ``when(event)`` holds; its input is
     ``input(event)`` (default: the event's own fields)."""
@@ -170,7 +174,7 @@ def on(
     for what, fn in (("when", when), ("input", input)):
         if fn is not None and not callable(fn):
             raise DefinitionError(f"on({event.__name__}, {what}=...) must be callable, not {fn!r}")
-    return Trigger(event, when, input, name)
+    return Trigger(event, when, input, name, _limits(limits))
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,8 @@ class ChangeTrigger:
     input: Callable[[Any], BaseModel | dict[str, Any]] | None = None
     name: str | None = None
     """Names the trigger in saga ids and decisions; default ``<saga>.on.<upstream>.<event>``."""
+    limits: Limits | None = None
+    """Limits for the sagas this trigger starts (a pool named after the trigger), instead of the saga's."""
 
     @property
     def topic(self) -> str:
@@ -201,6 +207,7 @@ def on_change(
     when: Callable[[Any], bool] | None = None,
     input: Callable[[Any], BaseModel | dict[str, Any]] | None = None,
     name: str | None = None,
+    limits: Limits | None = None,
 ) -> ChangeTrigger:
     """Start the saga for each ``event`` the ``upstream`` application records (when ``when(event)``);
     its input is ``input(event)``, by default the event's fields and its ``originator_id``."""
@@ -211,7 +218,13 @@ def on_change(
     for what, fn in (("when", when), ("input", input)):
         if fn is not None and not callable(fn):
             raise DefinitionError(f"on_change({upstream.__name__}, {what}=...) must be callable, not {fn!r}")
-    return ChangeTrigger(upstream, event, when, input, name)
+    return ChangeTrigger(upstream, event, when, input, name, _limits(limits))
+
+
+def _limits(limits: Any) -> Limits | None:
+    if limits is not None and not isinstance(limits, Limits):
+        raise DefinitionError(f"a trigger's limits= is a Limits(...), not {limits!r}")
+    return limits
 
 
 def check_triggers(cls: type, triggers: Sequence[Any]) -> list[Trigger | ChangeTrigger]:

@@ -85,6 +85,14 @@ class SagaRun:
     """Searchable input fields and their values, as recorded at start."""
     notify: str | None = None
     """Where to POST the final status, if the starter asked."""
+    pool: str | None = None
+    """The pool whose limits this saga runs under (its saga's name, or a trigger's), if any."""
+    pool_key: str = ""
+    """Its key within the pool (from the limits' ``per``)."""
+    queued: str | None = None
+    """Why it waits to be admitted (``None``: it is not queued)."""
+    admitted: bool = False
+    """Whether its pool let it in (it holds a slot until it ends)."""
 
     by_name: dict[str, NodeRun] = field(default_factory=dict, repr=False, compare=False)
 

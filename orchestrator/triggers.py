@@ -25,6 +25,7 @@ from orchestrator import events as ev
 from orchestrator.aggregate import SagaAggregate
 from orchestrator.domain import DomainEventRecorded, SagaEnded, Trigger
 from orchestrator.following import Change
+from orchestrator.limits import Limits
 from orchestrator.readmodels.status import index_entry
 from orchestrator.safety import clean_error, one_line
 from orchestrator.storage import SagaIndex
@@ -89,7 +90,8 @@ class TriggerProcessor:
         except ValidationError as error:
             return {"trigger": label, "skipped": skip_reason(error)}, None
         saga_id = f"{label}:{event_id}"[:200]
-        return decide(saga, label, saga_id, event, trigger.when, trigger.input, data, self.max_bytes)
+        pool = None if trigger.limits is None else (label, trigger.limits)
+        return decide(saga, label, saga_id, event, trigger.when, trigger.input, data, self.max_bytes, pool)
 
     def _write(
         self,
@@ -132,6 +134,7 @@ def decide(
     mapping: Callable[[Any], Any] | None,
     default: dict[str, Any],
     max_bytes: int,
+    pool: tuple[str, Limits] | None = None,
 ) -> tuple[dict[str, Any], SagaAggregate | None]:
     """What a trigger does with one event: start ``saga`` (its input ``mapping(event)``, else ``default``)
     unless ``when(event)`` is false; a condition or mapping that raises, or bad input, skips it visibly."""
@@ -139,7 +142,7 @@ def decide(
         if when is not None and not when(event):
             return {"trigger": label, "skipped": "condition is false"}, None
         given = mapping(event) if mapping is not None else default
-        aggregate = SagaAggregate.begin(saga, given, saga_id, None, max_bytes)
+        aggregate = SagaAggregate.begin(saga, given, saga_id, None, max_bytes, pool=pool)
     except Exception as error:  # a user's condition or mapping, or input the saga refuses
         return {"trigger": label, "skipped": skip_reason(error)}, None
     return {"trigger": label, "started": aggregate.run.saga_id}, aggregate

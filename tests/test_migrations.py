@@ -24,6 +24,10 @@ def downgrade_to_v1(orch: Orchestrator) -> None:
                 "ALTER TABLE saga_status DROP COLUMN problem",
                 "ALTER TABLE saga_work DROP COLUMN failures",
                 "ALTER TABLE saga_status DROP COLUMN search",
+                "DROP INDEX saga_status_pool",
+                "ALTER TABLE saga_status DROP COLUMN pool",
+                "ALTER TABLE saga_status DROP COLUMN pool_key",
+                "ALTER TABLE saga_status DROP COLUMN queued",
             ):
                 cursor.execute(statement)
         else:
@@ -31,7 +35,8 @@ def downgrade_to_v1(orch: Orchestrator) -> None:
             cursor.execute(
                 f"DROP TABLE {schema}.saga_schema; ALTER TABLE {schema}.saga_status DROP COLUMN problem;"
                 f" ALTER TABLE {schema}.saga_work DROP COLUMN failures;"
-                f" ALTER TABLE {schema}.saga_status DROP COLUMN search"
+                f" ALTER TABLE {schema}.saga_status DROP COLUMN search;"
+                f" ALTER TABLE {schema}.saga_status DROP COLUMN pool, DROP COLUMN pool_key, DROP COLUMN queued"
             )
 
 

@@ -27,6 +27,11 @@ class SagaStarted(SagaEvent, CanInitAggregate[UUID]):
     """The input fields the saga class declares searchable (``search = [...]``), with their values."""
     notify: str | None = None
     """A URL to POST the final status to once the saga ends."""
+    pool: str | None = None
+    """The pool whose limits it runs under: it is queued until the pool admits it."""
+    pool_key: str = ""
+    queued: str | None = None
+    """Why it waits (the pool's limits, in words)."""
 
     def apply(self, aggregate: Any) -> None:
         aggregate.run = SagaRun(
@@ -39,7 +44,17 @@ class SagaStarted(SagaEvent, CanInitAggregate[UUID]):
             due_at=self.start_at or self.timestamp,
             search=self.search,
             notify=self.notify,
+            pool=self.pool,
+            pool_key=self.pool_key,
+            queued=self.queued if self.pool is not None else None,
         )
+
+
+class SagaAdmitted(SagaEvent):
+    """The saga's pool let it in: its first step is due (at ``start_at``, if that lies ahead)."""
+
+    def evolve(self, run: SagaRun) -> None:
+        run.queued, run.admitted = None, True
 
 
 class StepStarted(StepEvent):

@@ -23,6 +23,7 @@ class CancelRequested(SagaEvent):
             if node.state is StepState.RUNNING and (run.in_flight is None or run.in_flight.name != node.plan.name):
                 node.state = StepState.FAILED
         run.cancel_requested = True
+        run.queued = None  # a queued saga leaves its queue without a slot: nothing of it ran
         run.error = "cancelled" + (f": {self.reason}" if self.reason else "")
         run.start_compensating(self.timestamp)
 

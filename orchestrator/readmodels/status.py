@@ -48,6 +48,8 @@ class SagaStatus(BaseModel):
     updated_at: datetime
     due_at: datetime | None = None
     waiting_for: str | None = None
+    queued: str | None = None
+    """Why a pending saga waits to be admitted (its limits), until its pool lets it in."""
     problem: str | None = None
     """Why workers have set the saga aside (its history cannot be loaded or saved), if they have."""
 
@@ -79,6 +81,7 @@ def status_document(run: SagaRun) -> bytes:
             "updated_at": run.updated_at,
             "due_at": run.due_at,
             "waiting_for": run.waiting_for,
+            "queued": run.queued,
         }
     )
 
@@ -97,9 +100,12 @@ def index_entry(aggregate: SagaAggregate) -> IndexEntry:
         saga=run.saga,
         state=run.state.value,
         version=aggregate.version,
-        due_at=run.due_at,
+        due_at=None if run.queued is not None else run.due_at,
         created_at=run.created_at,
         updated_at=run.updated_at,
         doc=status_document(run),
         search=orjson.dumps(run.search) if run.search else None,
+        pool=None if run.pool is None or run.state.terminal or not (run.queued or run.admitted) else run.pool,
+        pool_key=run.pool_key,
+        queued=run.queued is not None,
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -13,6 +13,7 @@ import orjson
 from eventsourcing.persistence import StoredEvent, Tracking
 from eventsourcing.popo import POPOProcessRecorder
 
+from orchestrator.limits import BUCKETS, check_admission
 from orchestrator.storage.ports import (
     Claim,
     Delivery,
@@ -40,6 +41,10 @@ class MemoryRecorder(SagaIndex, POPOProcessRecorder):
 
     def _insert_events(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
         with self._database_lock:
+            if (check := kwargs.get("admission")) is not None:  # before anything changes: no rollback here
+                after = {**self.status, **{e.saga_uuid: e for e in kwargs.get("index", ())}}
+                bucket = self.projection_rows.get(BUCKETS, {}).get(check.pool)
+                check_admission(check, self._running(after.values(), check.pool), bucket)
             ids = super()._insert_events(stored_events, **kwargs)
             self._apply(kwargs.get("index", ()))
             for projection, key, doc in kwargs.get("rows", ()):
@@ -145,6 +150,28 @@ class MemoryRecorder(SagaIndex, POPOProcessRecorder):
 
     def status_position(self) -> int | None:
         return self.position
+
+    # Throughput guards
+
+    def pool_running(self, pool: str) -> dict[str, int]:
+        with self._database_lock:
+            return self._running(self.status.values(), pool)
+
+    @staticmethod
+    def _running(entries: Iterable[IndexEntry], pool: str) -> dict[str, int]:
+        return dict(Counter(e.pool_key for e in entries if e.pool == pool and not e.queued))
+
+    def pool_waiting(self, pool: str, limit: int) -> list[tuple[UUID, str, datetime | None]]:
+        with self._database_lock:
+            queued = sorted(
+                (e for e in self.status.values() if e.pool == pool and e.queued),
+                key=lambda e: (e.created_at, e.saga_uuid),
+            )
+        found = []
+        for e in queued[:limit]:
+            due = orjson.loads(e.doc).get("due_at")
+            found.append((e.saga_uuid, e.pool_key, None if due is None else datetime.fromisoformat(due)))
+        return found
 
     def write_status(self, entries: list[IndexEntry], position: int | None, *, reset: bool = False) -> None:
         with self._database_lock:

@@ -40,6 +40,11 @@ class IndexEntry:
     """The ``SagaStatus`` as JSON."""
     search: bytes | None = None
     """The saga's searchable input fields as a JSON object (written once, with the first row)."""
+    pool: str | None = None
+    """The pool whose slot it waits for or holds (``None``: none; also once it ended)."""
+    pool_key: str = ""
+    queued: bool = False
+    """Waiting for a slot (``True``) or holding one."""
 
 
 @dataclass(frozen=True)
@@ -209,6 +214,14 @@ class SagaIndex(ABC):
     @abstractmethod
     def write_rows(self, projection: str, rows: dict[str, bytes | None], tracking: Tracking) -> None:
         """Put (``None``: delete) a projection's rows, with its tracking record, in one transaction."""
+
+    @abstractmethod
+    def pool_running(self, pool: str) -> dict[str, int]:
+        """The admitted sagas of ``pool`` that have not ended, counted per key."""
+
+    @abstractmethod
+    def pool_waiting(self, pool: str, limit: int) -> list[tuple[UUID, str, datetime | None]]:
+        """Up to ``limit`` queued sagas of ``pool``, oldest first: (aggregate id, key, when it may start)."""
 
     @abstractmethod
     def read_rows(self, projection: str, keys: list[str] | None = None) -> dict[str, bytes]:

@@ -228,6 +228,8 @@ class PostgresIndexRecorder(SqlIndex, PostgresProcessRecorder):
                 done = [e.saga_uuid for e in entries if e.due_at is None]
                 if done:
                     index.execute(self.compiled["delete_work"], (done,), prepare=True)
+            if (check := kwargs.get("admission")) is not None:
+                self.check_admission(index, check)
             self.put_rows(index, kwargs.get("rows", ()))
             index.execute(self.compiled["track_head"], {"application": APPLICATION_NAME}, prepare=True)
 
@@ -272,6 +274,9 @@ def _status_columns(entries: Sequence[IndexEntry]) -> tuple[list[Any], ...]:
         [e.updated_at for e in entries],
         [e.doc.decode() for e in entries],
         [None if e.search is None else e.search.decode() for e in entries],
+        [e.pool for e in entries],
+        [e.pool_key for e in entries],
+        [e.queued for e in entries],
     )
 
 

@@ -20,6 +20,7 @@ from uuid import UUID
 import orjson
 from eventsourcing.persistence import Tracking
 
+from orchestrator.limits import BUCKETS, AdmissionCheck, check_admission
 from orchestrator.storage.ports import (
     APPLICATION_NAME,
     Delivery,
@@ -234,15 +235,37 @@ class SqlIndex(SagaIndex):
 
     def read_rows(self, projection: str, keys: list[str] | None = None) -> dict[str, bytes]:
         with self.transaction(commit=False) as cursor:
-            if keys is None:
-                found = self.rows(cursor, "rows_all", {"projection": projection})
-            elif not keys:
-                return {}
-            else:
-                found = self.rows(
-                    cursor, "rows_get", {"projection": projection, **self.keys_param(keys)}, keys=self.keys_slot(keys)
-                )
+            return self.rows_in(cursor, projection, keys)
+
+    def rows_in(self, cursor: Cursor, projection: str, keys: list[str] | None) -> dict[str, bytes]:
+        """A projection's rows by key, read in this transaction."""
+        if keys is None:
+            found = self.rows(cursor, "rows_all", {"projection": projection})
+        elif not keys:
+            return {}
+        else:
+            params = {"projection": projection, **self.keys_param(keys)}
+            found = self.rows(cursor, "rows_get", params, keys=self.keys_slot(keys))
         return {key: _bytes(doc) for key, doc in found}
+
+    # Throughput guards
+
+    def pool_running(self, pool: str) -> dict[str, int]:
+        with self.transaction(commit=False) as cursor:
+            return self._running(cursor, pool)
+
+    def _running(self, cursor: Cursor, pool: str) -> dict[str, int]:
+        return {key: int(count) for key, count in self.rows(cursor, "pool_running", {"pool": pool})}
+
+    def pool_waiting(self, pool: str, limit: int) -> list[tuple[UUID, str, datetime | None]]:
+        with self.transaction(commit=False) as cursor:
+            found = self.rows(cursor, "pool_waiting", {"pool": pool, "limit": limit})
+        return [(UUID(str(u)), key, None if due is None else datetime.fromisoformat(due)) for u, key, due in found]
+
+    def check_admission(self, cursor: Cursor, check: AdmissionCheck) -> None:
+        """Refuse (``PoolFull``) an admission that this transaction's view of the pool does not allow."""
+        bucket = self.rows_in(cursor, BUCKETS, [check.pool]).get(check.pool)
+        check_admission(check, self._running(cursor, check.pool), bucket)
 
     def reset_follower(self, name: str, projection: str | None = None) -> None:
         with self.transaction(commit=True) as cursor:

@@ -119,6 +119,9 @@ class SQLiteIndexRecorder(SqlIndex, SQLiteProcessRecorder):
             "updated_at": entry.updated_at.timestamp(),
             "doc": entry.doc,
             "search": None if entry.search is None else entry.search.decode(),
+            "pool": entry.pool,
+            "pool_key": entry.pool_key,
+            "queued": entry.queued,
         }
 
     # Writes in the events' transaction
@@ -142,6 +145,8 @@ class SQLiteIndexRecorder(SqlIndex, SQLiteProcessRecorder):
             done = [{"saga_uuid": e.saga_uuid.hex} for e in entries if e.due_at is None]
             if done:
                 c.executemany(self.query("delete_work"), done)
+        if (check := kwargs.get("admission")) is not None:
+            self.check_admission(c, check)
         self.put_rows(c, kwargs.get("rows", ()))
         if ids:
             self.run(c, "track", {"application": APPLICATION_NAME, "position": ids[-1]})

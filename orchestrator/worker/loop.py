@@ -158,10 +158,13 @@ class Worker:
                         self.outside_work = True  # a full batch: there may be more waiting
                 self.leases.renew()
                 self._run_side_tasks()
-                idle = not claimed and not finished
+                # Woken during the round (a side task admitted, scheduled or triggered sagas): not idle.
+                idle = not claimed and not finished and not self.state.signal.is_set()
                 if idle and self.attempts.running and self._grace_over():
                     return
                 if idle and not self.attempts.running and (self.state.stopping.is_set() or drain):
+                    if drain and not self.state.stopping.is_set() and self._sweep():
+                        continue  # a side task found more to do now (a queued saga admitted, say)
                     return
                 if idle:
                     self._idle()
@@ -251,6 +254,13 @@ class Worker:
                 self.log.exception("side task failed; trying again later", task=task.name)
                 delay = MAX_BACKOFF
             self.side_due[id(task)] = now + (self.state.poll_interval if delay is None else delay)
+
+    def _sweep(self) -> bool:
+        """Run every side task now, due or not; whether that woke the worker (there is work now)."""
+        for task in self.side_tasks:
+            self.side_due[id(task)] = 0.0
+        self._run_side_tasks()
+        return self.state.signal.is_set()
 
     def _idle(self) -> None:
         now = time.monotonic()

@@ -49,12 +49,13 @@ RETURNING notification_id
 -- name: upsert_status
 -- A later version always wins over an earlier one (a rebuild may rewrite an equal one); any
 -- write of the row clears a problem noted at an earlier version.
-INSERT INTO {schema}.saga_status (saga_uuid, saga_id, saga, state, version, created_at, updated_at, doc, search)
+INSERT INTO {schema}.saga_status (saga_uuid, saga_id, saga, state, version, created_at, updated_at, doc, search,
+                                  pool, pool_key, queued)
 SELECT * FROM unnest(%b::uuid[], %b::text[], %b::text[], %b::text[], %b::int[], %b::timestamptz[],
-                     %b::timestamptz[], %b::jsonb[], %b::jsonb[])
+                     %b::timestamptz[], %b::jsonb[], %b::jsonb[], %b::text[], %b::text[], %b::bool[])
 ON CONFLICT (saga_uuid) DO UPDATE SET
     state = EXCLUDED.state, version = EXCLUDED.version, updated_at = EXCLUDED.updated_at,
-    doc = EXCLUDED.doc, problem = NULL
+    doc = EXCLUDED.doc, problem = NULL, pool = EXCLUDED.pool, queued = EXCLUDED.queued
 WHERE saga_status.version <= EXCLUDED.version
 
 -- name: upsert_work
@@ -154,6 +155,22 @@ CREATE TABLE IF NOT EXISTS {schema}.saga_deliveries (
     last_error text, log jsonb NOT NULL DEFAULT '[]');
 CREATE INDEX IF NOT EXISTS saga_deliveries_due ON {schema}.saga_deliveries (due_at) WHERE due_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS saga_deliveries_saga ON {schema}.saga_deliveries (saga_uuid);
+
+-- migration: 5
+-- Throughput guards: the pool whose slot a saga waits for (queued) or holds, and its key.
+ALTER TABLE {schema}.saga_status ADD COLUMN IF NOT EXISTS pool text;
+ALTER TABLE {schema}.saga_status ADD COLUMN IF NOT EXISTS pool_key text;
+ALTER TABLE {schema}.saga_status ADD COLUMN IF NOT EXISTS queued boolean;
+CREATE INDEX IF NOT EXISTS saga_status_pool ON {schema}.saga_status (pool, queued, created_at, saga_uuid)
+    WHERE pool IS NOT NULL;
+
+-- name: pool_running
+SELECT pool_key, count(*) FROM {schema}.saga_status WHERE pool = %(pool)s AND NOT queued GROUP BY pool_key
+
+-- name: pool_waiting
+-- Oldest first: a pool admits in the order its sagas were started.
+SELECT saga_uuid, pool_key, doc->>'due_at' FROM {schema}.saga_status
+WHERE pool = %(pool)s AND queued ORDER BY created_at, saga_uuid LIMIT %(limit)s
 
 -- name: rows_put
 INSERT INTO {schema}.projection_rows VALUES (%(projection)s, %(key)s, %(doc)s::jsonb)

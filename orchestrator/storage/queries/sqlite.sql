@@ -28,11 +28,13 @@ CREATE INDEX IF NOT EXISTS saga_status_created ON saga_status (created_at);
 -- name: upsert_status
 -- A later version always wins over an earlier one (a rebuild may rewrite an equal one); any
 -- write of the row clears a problem noted at an earlier version.
-INSERT INTO saga_status (saga_uuid, saga_id, saga, state, version, created_at, updated_at, doc, search)
-VALUES (:saga_uuid, :saga_id, :saga, :state, :version, :created_at, :updated_at, :doc, :search)
+INSERT INTO saga_status (saga_uuid, saga_id, saga, state, version, created_at, updated_at, doc, search,
+                         pool, pool_key, queued)
+VALUES (:saga_uuid, :saga_id, :saga, :state, :version, :created_at, :updated_at, :doc, :search,
+        :pool, :pool_key, :queued)
 ON CONFLICT (saga_uuid) DO UPDATE SET
     state = excluded.state, version = excluded.version, updated_at = excluded.updated_at,
-    doc = excluded.doc, problem = NULL
+    doc = excluded.doc, problem = NULL, pool = excluded.pool, queued = excluded.queued
 WHERE saga_status.version <= excluded.version
 
 -- name: upsert_work
@@ -121,6 +123,22 @@ CREATE TABLE IF NOT EXISTS saga_deliveries (
     lease_owner TEXT, lease_until REAL, delivered_at REAL, last_error TEXT, log TEXT NOT NULL DEFAULT '[]');
 CREATE INDEX IF NOT EXISTS saga_deliveries_due ON saga_deliveries (due_at);
 CREATE INDEX IF NOT EXISTS saga_deliveries_saga ON saga_deliveries (saga_uuid);
+
+-- migration: 5
+-- Throughput guards: the pool whose slot a saga waits for (queued) or holds, and its key.
+ALTER TABLE saga_status ADD COLUMN pool TEXT;
+ALTER TABLE saga_status ADD COLUMN pool_key TEXT;
+ALTER TABLE saga_status ADD COLUMN queued INTEGER;
+CREATE INDEX IF NOT EXISTS saga_status_pool ON saga_status (pool, queued, created_at, saga_uuid)
+    WHERE pool IS NOT NULL;
+
+-- name: pool_running
+SELECT pool_key, count(*) FROM saga_status WHERE pool = :pool AND NOT queued GROUP BY pool_key
+
+-- name: pool_waiting
+-- Oldest first: a pool admits in the order its sagas were started.
+SELECT saga_uuid, pool_key, json_extract(CAST(doc AS TEXT), '$.due_at') FROM saga_status
+WHERE pool = :pool AND queued ORDER BY created_at, saga_uuid LIMIT :limit
 
 -- name: rows_put
 INSERT INTO projection_rows VALUES (:projection, :key, :doc)
