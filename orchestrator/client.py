@@ -10,7 +10,8 @@ import builtins
 import os
 import socket
 from collections.abc import Callable, Iterable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 from uuid import uuid4
@@ -19,7 +20,7 @@ from eventsourcing.application import Application
 from eventsourcing.persistence import IntegrityError
 from pydantic import BaseModel
 
-from orchestrator import metrics, schedules
+from orchestrator import metrics, retention, schedules
 from orchestrator.admission import Admission
 from orchestrator.aggregate import SagaAggregate, aggregate_id
 from orchestrator.changes import Changes
@@ -186,6 +187,23 @@ class Orchestrator(Reads):
             raise InvalidInput("schedule() takes a spec or keywords, not both")
         with self.repository.translating("creating a schedule"):
             return self.scheduler.create(saga, spec, schedule_id)
+
+    def purge(
+        self,
+        older_than: timedelta,
+        *,
+        archive: str | Path | None = None,
+        states: Iterable[str] = retention.FINISHED,
+        batch: int = 500,
+    ) -> retention.Purged:
+        """Remove finished sagas last updated more than ``older_than`` ago from the read models; with
+        ``archive`` (a JSON-lines file) also append their histories to it and delete them.
+
+        ``failed`` sagas stay unless ``states`` names them; so do sagas with a notification still to
+        deliver, and (with ``archive``) histories some follower of the log has not read yet. The
+        built-in ``retention.Retention`` saga runs this on a schedule.
+        """
+        return retention.purge(self, older_than, archive=archive, states=states, batch=batch)
 
     def add_projection(self, projection: Follower) -> None:
         """Register a read model to keep from the log (``saga projections run`` keeps them current)."""

@@ -173,6 +173,8 @@ class StepContext:
     log_context: dict[str, Any]
     emitted: list[dict[str, Any]] = field(default_factory=list)
     """Domain events the attempt emitted, recorded with its outcome if it succeeds."""
+    orchestrator: Any = None
+    """The orchestrator whose worker runs the attempt (for built-in sagas such as ``Retention``)."""
 
 
 class Results(Mapping[str, Any]):

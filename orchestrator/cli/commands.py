@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import Any, ClassVar
 
 import click
 
+from orchestrator import retention
 from orchestrator.cli.app import app_of, app_option
 from orchestrator.cli.console import echo, echo_json, read_json_argument, status_table, timeline_table
 from orchestrator.safety import short
@@ -165,4 +167,51 @@ def events(ctx: click.Context, app_spec: str | None, name: str | None, after: in
         echo_json(info.model_dump_json())
 
 
-COMMANDS = [start, status, list_, history, timeline, send, cancel, resolve, retry, emit, events]
+class Duration(click.ParamType[timedelta]):
+    """A period such as ``30d``, ``12h``, ``90m`` or ``3600s`` (plain numbers are seconds)."""
+
+    name = "duration"
+    UNITS: ClassVar[dict[str, float]] = {"d": 86_400, "h": 3_600, "m": 60, "s": 1}
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> timedelta:
+        if isinstance(value, timedelta):
+            return value
+        text = str(value).strip().lower()
+        unit = self.UNITS.get(text[-1:], None)
+        number = text[:-1] if unit is not None else text
+        try:
+            seconds = float(number) * (unit or 1)
+        except ValueError:
+            self.fail(f"{value!r} is not a period such as 30d, 12h, 90m or 3600s", param, ctx)
+        if not 0 < seconds < 1e10:
+            self.fail(f"{value!r} is not a positive period", param, ctx)
+        return timedelta(seconds=seconds)
+
+
+@click.command()
+@click.option("--older-than", type=Duration(), required=True, help="Finished longer ago than this (30d, 12h, ...).")
+@click.option(
+    "--archive",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help="Append their histories to this JSON-lines file, then delete them (default: histories kept).",
+)
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    type=click.Choice(["completed", "compensated", "cancelled", "failed"]),
+    help="Only sagas in these states [default: completed, compensated, cancelled].",
+)
+@app_option
+@click.pass_context
+def purge(
+    ctx: click.Context, app_spec: str | None, older_than: timedelta, archive: str | None, states: tuple[str, ...]
+) -> None:
+    """Remove old finished sagas from the read models (and, with --archive, their histories)."""
+    orch = app_of(ctx, app_spec)
+    purged = orch.purge(older_than, archive=archive, states=states or retention.FINISHED)
+    echo_json(purged.model_dump_json())
+
+
+COMMANDS = [start, status, list_, history, timeline, send, cancel, resolve, retry, emit, events, purge]

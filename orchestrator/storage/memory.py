@@ -151,6 +151,42 @@ class MemoryRecorder(SagaIndex, POPOProcessRecorder):
     def status_position(self) -> int | None:
         return self.position
 
+    # Retention
+
+    def purge_candidates(self, state: str, before: datetime, safe: int | None, limit: int) -> list[UUID]:
+        with self._database_lock:
+            pending = {d["delivery"].saga_uuid for d in self.deliveries.values() if d["due_at"] is not None}
+            last: dict[str, int] = {}
+            for position, stored in enumerate(self._stored_events, start=1):
+                last[str(stored.originator_id)] = position
+            found = sorted(
+                (
+                    e
+                    for e in self.status.values()
+                    if e.state == state
+                    and e.updated_at < before
+                    and e.saga_uuid not in pending
+                    and (safe is None or last.get(str(e.saga_uuid), 0) <= safe)
+                ),
+                key=lambda e: e.updated_at,
+            )
+        return [e.saga_uuid for e in found[:limit]]
+
+    def purge(self, saga_uuids: list[UUID], *, histories: bool) -> None:
+        with self._database_lock:
+            for saga_uuid in saga_uuids:
+                self.status.pop(saga_uuid, None)
+                self.work.pop(saga_uuid, None)
+                self.problems.pop(saga_uuid, None)
+                for key in [k for k, d in self.deliveries.items() if d["delivery"].saga_uuid == saga_uuid]:
+                    del self.deliveries[key]
+                if histories:  # gone from the aggregate's reads; the in-memory log keeps its positions
+                    self._stored_events_index.pop(str(saga_uuid), None)
+
+    def tracking_positions(self) -> dict[str, int]:
+        with self._database_lock:
+            return {name: position for name, position in self._max_tracking_ids.items() if position is not None}
+
     # Throughput guards
 
     def pool_running(self, pool: str) -> dict[str, int]:

@@ -216,6 +216,20 @@ class SagaIndex(ABC):
         """Put (``None``: delete) a projection's rows, with its tracking record, in one transaction."""
 
     @abstractmethod
+    def purge_candidates(self, state: str, before: datetime, safe: int | None, limit: int) -> list[UUID]:
+        """Sagas in ``state`` last updated before ``before``, with no notification left to deliver, oldest
+        first; with ``safe``, only those whose last event is at or before that position of the log."""
+
+    @abstractmethod
+    def purge(self, saga_uuids: list[UUID], *, histories: bool) -> None:
+        """Remove sagas from the read models (status, work, deliveries) and, with ``histories``, their
+        events, in one transaction."""
+
+    @abstractmethod
+    def tracking_positions(self) -> dict[str, int]:
+        """Every follower's tracked position, by tracking name."""
+
+    @abstractmethod
     def pool_running(self, pool: str) -> dict[str, int]:
         """The admitted sagas of ``pool`` that have not ended, counted per key."""
 

@@ -248,6 +248,27 @@ class SqlIndex(SagaIndex):
             found = self.rows(cursor, "rows_get", params, keys=self.keys_slot(keys))
         return {key: _bytes(doc) for key, doc in found}
 
+    # Retention
+
+    def purge_candidates(self, state: str, before: datetime, safe: int | None, limit: int) -> list[UUID]:
+        params = {"state": state, "before": self.moment(before), "safe": safe, "limit": limit}
+        with self.transaction(commit=False) as cursor:
+            return [UUID(str(key)) for (key,) in self.rows(cursor, "purge_candidates", params)]
+
+    def purge(self, saga_uuids: list[UUID], *, histories: bool) -> None:
+        if not saga_uuids:
+            return
+        keys = [self.key(u) for u in saga_uuids]
+        names = ["purge_status", "purge_work", "purge_deliveries", *(["purge_events"] if histories else [])]
+        with self.transaction(commit=True) as cursor:
+            for name in names:
+                cursor.execute(self.query(name, keys=self.keys_slot(keys)), self.keys_param(keys))
+
+    def tracking_positions(self) -> dict[str, int]:
+        with self.transaction(commit=False) as cursor:
+            found = self.rows(cursor, "tracking_all", tracking=self.tracking_table())
+        return {name: int(position) for name, position in found}
+
     # Throughput guards
 
     def pool_running(self, pool: str) -> dict[str, int]:

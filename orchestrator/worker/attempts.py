@@ -34,8 +34,11 @@ class Running:
 class Attempts:
     """Runs the attempts a worker claimed and keeps track of them until their outcomes are recorded."""
 
-    def __init__(self, state: WorkerState, registry: Registry, concurrency: int, max_bytes: int) -> None:
+    def __init__(
+        self, state: WorkerState, registry: Registry, concurrency: int, max_bytes: int, orchestrator: Any = None
+    ) -> None:
         self.state = state
+        self.orchestrator = orchestrator
         self.registry = registry
         self.max_bytes = max_bytes
         self.runner = StepRunner(concurrency)
@@ -111,6 +114,7 @@ class Attempts:
                 "attempt": work.attempt,
                 "worker": self.state.worker_id,
             },
+            orchestrator=self.orchestrator,
         )
 
     def finished(self) -> dict[UUID, Running]:

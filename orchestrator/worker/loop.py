@@ -66,7 +66,9 @@ class Worker:
             log=log.bind(worker=worker_id),
         )
         self.worker_id, self.log, self.stats = worker_id, self.state.log, self.state.stats
-        self.attempts = Attempts(self.state, orchestrator.registry, self.concurrency, settings.max_input_bytes)
+        self.attempts = Attempts(
+            self.state, orchestrator.registry, self.concurrency, settings.max_input_bytes, orchestrator
+        )
         self.books = Bookkeeper(self.state, orchestrator.repository, orchestrator.registry, self.attempts)
         self.leases = Leases(self.books)
         self.side_tasks = [*side_tasks, *orchestrator.side_tasks]

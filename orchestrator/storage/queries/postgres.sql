@@ -172,6 +172,31 @@ SELECT pool_key, count(*) FROM {schema}.saga_status WHERE pool = %(pool)s AND NO
 SELECT saga_uuid, pool_key, doc->>'due_at' FROM {schema}.saga_status
 WHERE pool = %(pool)s AND queued ORDER BY created_at, saga_uuid LIMIT %(limit)s
 
+-- name: purge_candidates
+-- Finished before the cutoff, with no notification still to deliver; with a safe position, only
+-- sagas whose every event each follower of the log has read (their histories may then go).
+SELECT s.saga_uuid FROM {schema}.saga_status s
+WHERE s.state = %(state)s AND s.updated_at < %(before)s
+  AND NOT EXISTS (SELECT 1 FROM {schema}.saga_deliveries d WHERE d.saga_uuid = s.saga_uuid AND d.due_at IS NOT NULL)
+  AND (%(safe)s::bigint IS NULL
+       OR (SELECT max(e.notification_id) FROM {schema}.{events} e WHERE e.originator_id = s.saga_uuid) <= %(safe)s)
+ORDER BY s.updated_at LIMIT %(limit)s
+
+-- name: purge_status
+DELETE FROM {schema}.saga_status WHERE saga_uuid = ANY(%(keys)s)
+
+-- name: purge_work
+DELETE FROM {schema}.saga_work WHERE saga_uuid = ANY(%(keys)s)
+
+-- name: purge_deliveries
+DELETE FROM {schema}.saga_deliveries WHERE saga_uuid = ANY(%(keys)s)
+
+-- name: purge_events
+DELETE FROM {schema}.{events} WHERE originator_id = ANY(%(keys)s)
+
+-- name: tracking_all
+SELECT application_name, notification_id FROM {schema}.{tracking}
+
 -- name: rows_put
 INSERT INTO {schema}.projection_rows VALUES (%(projection)s, %(key)s, %(doc)s::jsonb)
 ON CONFLICT (projection, key) DO UPDATE SET doc = EXCLUDED.doc

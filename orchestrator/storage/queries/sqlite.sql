@@ -140,6 +140,30 @@ SELECT pool_key, count(*) FROM saga_status WHERE pool = :pool AND NOT queued GRO
 SELECT saga_uuid, pool_key, json_extract(CAST(doc AS TEXT), '$.due_at') FROM saga_status
 WHERE pool = :pool AND queued ORDER BY created_at, saga_uuid LIMIT :limit
 
+-- name: purge_candidates
+-- Finished before the cutoff, with no notification still to deliver; with a safe position, only
+-- sagas whose every event each follower of the log has read (their histories may then go).
+SELECT s.saga_uuid FROM saga_status s
+WHERE s.state = :state AND s.updated_at < :before
+  AND NOT EXISTS (SELECT 1 FROM saga_deliveries d WHERE d.saga_uuid = s.saga_uuid AND d.due_at IS NOT NULL)
+  AND (:safe IS NULL OR (SELECT max(e.rowid) FROM {events} e WHERE e.originator_id = s.saga_uuid) <= :safe)
+ORDER BY s.updated_at LIMIT :limit
+
+-- name: purge_status
+DELETE FROM saga_status WHERE saga_uuid IN ({keys})
+
+-- name: purge_work
+DELETE FROM saga_work WHERE saga_uuid IN ({keys})
+
+-- name: purge_deliveries
+DELETE FROM saga_deliveries WHERE saga_uuid IN ({keys})
+
+-- name: purge_events
+DELETE FROM {events} WHERE originator_id IN ({keys})
+
+-- name: tracking_all
+SELECT application_name, notification_id FROM {tracking}
+
 -- name: rows_put
 INSERT INTO projection_rows VALUES (:projection, :key, :doc)
 ON CONFLICT (projection, key) DO UPDATE SET doc = excluded.doc
