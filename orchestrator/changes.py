@@ -17,7 +17,7 @@ the upstream event (``<trigger>:<originator id>:<version>``), so nothing can sta
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 from eventsourcing.application import Application
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from orchestrator.registry import Registry
     from orchestrator.repository import Repository
 
+AppT = TypeVar("AppT", bound=Application[Any])
 DECISIONS = "changes"
 """The projection rows that say, per upstream event, what each trigger did with it."""
 ENVELOPE = ("originator_version", "timestamp", "originator_topic")
@@ -56,6 +57,21 @@ def eventsourcing_env(database: str | Database) -> dict[str, str]:
         raise ConfigurationError("an upstream application on memory:// is followed as an instance: pass it")
     env = {key: value for key, value in db.env.items() if key not in ("APPLICATION_RECORDER_TOPIC", "CREATE_TABLE")}
     return env
+
+
+def open_upstream(upstream: type[AppT], database: str | Database) -> AppT:
+    """An upstream application keeping its events in ``database`` (its PostgreSQL schema made if
+    missing, as the orchestrator makes its own)."""
+    db = parse_database_url(database) if isinstance(database, str) else database
+    env = eventsourcing_env(db)
+    if db.is_postgres:
+        from psycopg.sql import SQL, Identifier
+
+        from orchestrator.storage.postgres import connect
+
+        with connect(db.env) as conn:
+            conn.execute(SQL("CREATE SCHEMA IF NOT EXISTS {}").format(Identifier(db.env["POSTGRES_SCHEMA"])))
+    return upstream(env=env)
 
 
 class ChangeProcessor:
@@ -188,5 +204,4 @@ class Changes:
                 f"on SQLite, {upstream.name} keeps its events in a file of its own: "
                 f"Orchestrator(upstreams={{{upstream.__name__}: 'sqlite:///{upstream.name.lower()}.db'}})"
             )
-        app: Application[Any] = upstream(env=eventsourcing_env(database))
-        return app
+        return open_upstream(upstream, database)

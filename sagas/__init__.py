@@ -1,4 +1,6 @@
-"""The saga catalogue: an expense claim with manager approval, a trip booking, an order fulfilment.
+"""The saga catalogue: an expense claim with manager approval (started by a domain event too, at
+most ten per employee at once), a trip booking, an order fulfilment, a customer onboarding started
+by another application's events, a weekday report on a schedule and the nightly clean-up.
 
 The sagas call the fake services of ``sagas.services``, which can inject faults; ``saga demo``,
 the README and the tests use them. Nothing is registered by importing this package: pass
@@ -10,18 +12,44 @@ from __future__ import annotations
 from typing import Any
 
 from orchestrator import Orchestrator, Saga
-from sagas.expense import Expense, ExpenseClaim
+from orchestrator.changes import open_upstream
+from orchestrator.settings import Settings
+from orchestrator.storage import parse_database_url
+from sagas.customers import Customer, Customers, NewCustomer, Onboarding
+from sagas.expense import ClaimSubmitted, Expense, ExpenseClaim
 from sagas.orders import FulfilOrder, Item, Order
-from sagas.reports import ApprovedExpenses
+from sagas.reports import ApprovedExpenses, ExpenseReport, NightlyCleanup
 from sagas.trip import BookTrip, Trip
 
-CATALOGUE: list[type[Saga[Any]]] = [ExpenseClaim, BookTrip, FulfilOrder]
+DEMO: list[type[Saga[Any]]] = [ExpenseClaim, BookTrip, FulfilOrder]
+"""The sagas ``saga demo`` runs."""
+CATALOGUE: list[type[Saga[Any]]] = [*DEMO, Onboarding, ExpenseReport, NightlyCleanup]
 """Every saga of the catalogue."""
 
 
-def build_orchestrator(database: str | None = None) -> Orchestrator:
-    """An orchestrator for the catalogue and its read models; ``database`` defaults to ``SAGA_DATABASE_URL``."""
-    return Orchestrator(sagas=CATALOGUE, database=database, projections=[ApprovedExpenses()])
+def customers_app(database: str | None = None) -> Customers:
+    """The ``Customers`` application beside the catalogue's database: in the same PostgreSQL database,
+    in a file of its own next to an SQLite one (``x.db`` -> ``x.customers.db``), or in memory."""
+    url = database or Settings.from_env().database_url
+    db = parse_database_url(url)
+    if db.kind == "memory":
+        return Customers()
+    if db.kind == "sqlite":
+        path = db.env["SQLITE_DBNAME"]
+        stem = path[: -len(".db")] if path.endswith(".db") else path
+        db = parse_database_url(f"sqlite:///{stem}.customers.db")
+    return open_upstream(Customers, db)
+
+
+def build_orchestrator(database: str | None = None, customers: Customers | None = None) -> Orchestrator:
+    """An orchestrator for the catalogue and its read models; ``database`` defaults to ``SAGA_DATABASE_URL``,
+    ``customers`` to ``customers_app(database)``."""
+    return Orchestrator(
+        sagas=CATALOGUE,
+        database=database,
+        projections=[ApprovedExpenses()],
+        upstreams={Customers: customers or customers_app(database)},
+    )
 
 
 def app() -> Orchestrator:
@@ -31,14 +59,23 @@ def app() -> Orchestrator:
 
 __all__ = [
     "CATALOGUE",
+    "DEMO",
     "build_orchestrator",
+    "customers_app",
     "app",
     "ExpenseClaim",
     "Expense",
+    "ClaimSubmitted",
     "BookTrip",
     "Trip",
     "FulfilOrder",
     "Order",
     "Item",
+    "Onboarding",
+    "NewCustomer",
+    "Customers",
+    "Customer",
+    "ExpenseReport",
+    "NightlyCleanup",
     "ApprovedExpenses",
 ]

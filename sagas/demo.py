@@ -19,7 +19,7 @@ import click
 from orchestrator import Orchestrator, SagaState, SagaStatus
 from orchestrator.cli.console import status_table
 from orchestrator.worker import Worker
-from sagas import CATALOGUE
+from sagas import DEMO
 from sagas.services import SERVICES, Faults
 
 SOLD_OUT = "XX404"
@@ -60,7 +60,7 @@ def run_demo(database: str | None, count: int) -> list[SagaStatus]:
         payment=Faults(transient_rate=0.2, seed=3),
         stock={"lamp": 3 + count, "book": 10, "chair": 4},
     )
-    orch = Orchestrator(sagas=CATALOGUE, database=database)
+    orch = Orchestrator(sagas=DEMO, database=database)
     run_id = uuid.uuid4().hex[:6]
     with orch:
         click.echo(f"sagaworks demo: {count} sagas on {orch.database.url}")

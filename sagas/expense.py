@@ -13,7 +13,7 @@ from decimal import Decimal
 
 from pydantic import BaseModel, Field
 
-from orchestrator import RetryPolicy, Saga, step, wait_for
+from orchestrator import DomainEvent, Limits, RetryPolicy, Saga, on, step, wait_for
 from sagas.services import SERVICES, Claim, Payment
 
 APPROVAL_TIMEOUT = timedelta(days=2)
@@ -30,8 +30,35 @@ class Expense(BaseModel):
     currency: str = Field(default="EUR", pattern=r"^[A-Z]{3}$")
 
 
+class ClaimSubmitted(DomainEvent):
+    """The expense form was submitted (``orch.emit`` or ``POST /events/ClaimSubmitted``)."""
+
+    employee: str
+    amount: Decimal
+    description: str
+    currency: str = "EUR"
+    draft: bool = False
+    """A draft is only saved, not submitted for approval: it starts nothing."""
+
+
 class ExpenseClaim(Saga[Expense]):
-    """Record the claim, wait for the manager's approval, pay; withdraw the claim if none comes."""
+    """Record the claim, wait for the manager's approval, pay; withdraw the claim if none comes.
+
+    Started by hand, or by each submitted (not draft) ``ClaimSubmitted``; at most ten claims of one
+    employee are in flight at once (the rest wait their turn, in order).
+    """
+
+    search = ["employee"]
+    triggers = [
+        on(
+            ClaimSubmitted,
+            when=lambda claim: not claim.draft,
+            input=lambda claim: Expense(
+                employee=claim.employee, amount=claim.amount, description=claim.description, currency=claim.currency
+            ),
+        )
+    ]
+    limits = Limits(max_running=10, per=lambda expense: expense.employee)
 
     @step(retry=LEDGER_RETRY)
     def submit(self, expense: Expense) -> Claim:

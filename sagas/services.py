@@ -107,6 +107,13 @@ class Claim(Record):
     amount: Decimal
 
 
+class Message(Record):
+    """An email handed to the mail service."""
+
+    to: str
+    subject: str
+
+
 class Shipment(Record):
     """A parcel handed to the carrier."""
 
@@ -303,6 +310,17 @@ class LedgerService(FakeService):
         self._undo("reverse", payment_id)
 
 
+class MailService(FakeService):
+    """Outgoing email: send under an idempotency key (a message cannot be unsent)."""
+
+    name = "mail"
+    refusal = "mailbox does not exist"
+
+    def send(self, to: str, subject: str, *, key: str) -> Message:
+        """Send one message."""
+        return self._once("send", key, lambda ref: Message(id=ref, to=to, subject=subject, key=key))
+
+
 class Services:
     """The registry the catalogue's sagas call: one instance of each fake, sharing one journal."""
 
@@ -319,6 +337,7 @@ class Services:
         warehouse: Faults | None = None,
         shipping: Faults | None = None,
         ledger: Faults | None = None,
+        mail: Faults | None = None,
         stock: Mapping[str, int] = DEFAULT_STOCK,
     ) -> None:
         """Replace every service by a fresh one, with the faults given (none by default)."""
@@ -330,6 +349,7 @@ class Services:
         self.warehouse = WarehouseService(warehouse, self.journal, stock)
         self.shipping = ShippingService(shipping, self.journal)
         self.ledger = LedgerService(ledger, self.journal)
+        self.mail = MailService(mail, self.journal)
 
 
 SERVICES = Services()

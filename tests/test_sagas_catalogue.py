@@ -9,7 +9,19 @@ from pathlib import Path
 import pytest
 
 from orchestrator import NonRetryable, Orchestrator, Saga, SagaState, SagaStatus, StepState, UnexpectedEvent, wait_for
-from sagas import CATALOGUE, BookTrip, Expense, ExpenseClaim, FulfilOrder, Order, Trip, app, build_orchestrator
+from sagas import (
+    CATALOGUE,
+    BookTrip,
+    ClaimSubmitted,
+    Expense,
+    ExpenseClaim,
+    FulfilOrder,
+    Order,
+    Trip,
+    app,
+    build_orchestrator,
+    customers_app,
+)
 from sagas.services import SERVICES, Faults, HotelService, Reservation, Services, ServiceUnavailable
 from tests.conftest import drain
 
@@ -273,9 +285,80 @@ def test_catalogue_completes_on_sqlite(tmp_path: Path, services: Services) -> No
 
 
 def test_app_factory_registers_the_catalogue() -> None:
-    """``sagas:app`` and ``build_orchestrator`` register the three sagas, and build without opening storage."""
-    assert sorted(build_orchestrator("memory://").sagas) == ["BookTrip", "ExpenseClaim", "FulfilOrder"]
+    """``sagas:app`` and ``build_orchestrator`` register the six sagas, and build without opening storage."""
+    assert sorted(build_orchestrator("memory://").sagas) == [
+        "BookTrip",
+        "ExpenseClaim",
+        "ExpenseReport",
+        "FulfilOrder",
+        "NightlyCleanup",
+        "Onboarding",
+    ]
     assert set(app().sagas) == {saga.name for saga in CATALOGUE}
+
+
+# Triggers, a data-change trigger, schedules and limits in the catalogue
+
+
+def test_a_submitted_claim_starts_an_expense_claim_and_a_draft_does_not(durable_url: str, tmp_path: Path) -> None:
+    """ClaimSubmitted starts one ExpenseClaim (a draft is skipped visibly); the claim runs up to the
+    approval and is paid once approved."""
+    with build_orchestrator(durable_url) as orch:
+        orch.emit(ClaimSubmitted(employee="ada", amount=Decimal("80"), description="taxi"), event_id="form-1")
+        orch.emit(ClaimSubmitted(employee="ada", amount=Decimal("9"), description="pen", draft=True), event_id="form-2")
+        orch.run_worker(wait=False, poll_interval=0.01)
+        [claim] = orch.list(saga="ExpenseClaim")
+        assert claim.saga_id == "ExpenseClaim.on.ClaimSubmitted:form-1"
+        assert claim.waiting_for == "approved"
+        skipped = {e.event_id: e.triggers for e in orch.events()}["form-2"]
+        assert skipped == [{"trigger": "ExpenseClaim.on.ClaimSubmitted", "skipped": "condition is false"}]
+        orch.send(claim.saga_id, "approved", {"by": "manager"})
+        [paid] = drain(orch, claim.saga_id)
+        assert paid.state is SagaState.COMPLETED
+
+
+def test_an_employee_has_at_most_ten_claims_in_flight(services: Services) -> None:
+    """The eleventh claim of one employee waits, queued with the reason, while another employee's runs."""
+    with build_orchestrator("memory://") as orch:
+        ids = [orch.start(ExpenseClaim, EXPENSE) for _ in range(11)]
+        other = orch.start(ExpenseClaim, EXPENSE.model_copy(update={"employee": "bob"}))
+        orch.run_worker(wait=False, poll_interval=0.01)
+        waiting = [orch.status(i).waiting_for for i in ids]
+        assert waiting.count("approved") == 10
+        assert orch.status(ids[-1]).queued == "waiting for a slot: at most 10 running for 'ada'"
+        assert orch.status(other).waiting_for == "approved"
+        orch.cancel(ids[0], "rejected")
+        orch.run_worker(wait=False, poll_interval=0.01)
+        assert orch.status(ids[-1]).waiting_for == "approved"
+
+
+def test_a_registered_customer_is_onboarded_once(durable_url: str, services: Services) -> None:
+    """A paying customer registered in the Customers application gets one welcome and one guide; a free
+    one gets nothing; a second worker run sends nothing twice."""
+    customers = customers_app(durable_url)
+    with build_orchestrator(durable_url, customers) as orch:
+        ada = customers.register("Ada", "ada@example.com", "pro")
+        customers.register("Bob", "bob@example.com", "free")
+        orch.run_worker(wait=False, poll_interval=0.01)
+        [status] = drain(orch, f"Onboarding.on.Customers.Registered:{ada}:1")
+        assert status.state is SagaState.COMPLETED
+        orch.run_worker(wait=False, poll_interval=0.01)
+    assert sorted(m.subject for m in services.mail.records.values()) == ["Getting started with pro", "Welcome, Ada"]
+
+
+def test_the_catalogue_declares_its_schedules(services: Services) -> None:
+    """The weekday report and the nightly clean-up are declared; firing them by hand runs them."""
+    with build_orchestrator("memory://") as orch:
+        orch.scheduler.run()
+        rows = {row["schedule_id"]: row for row in orch.scheduler.rows()}
+        assert rows["expense-report"]["spec"]["tz"] == "Europe/Berlin"
+        assert rows["nightly-cleanup"]["spec"]["cron"] == "30 3 * * *"
+        report = orch.scheduler.trigger("expense-report")
+        cleanup = orch.scheduler.trigger("nightly-cleanup")
+        statuses = drain(orch, report, cleanup)
+        assert [s.state for s in statuses] == [SagaState.COMPLETED, SagaState.COMPLETED]
+        assert statuses[0].result["summarise"] == {"period": "daily", "open_claims": 0, "paid": "0"}
+        assert statuses[1].result["purge"]["sagas"] == 0
 
 
 # The fake services themselves
