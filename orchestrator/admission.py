@@ -9,6 +9,7 @@ save is refused whole, and the next pass plans again from what is now true.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -27,7 +28,10 @@ if TYPE_CHECKING:
     from orchestrator.repository import Repository
 
 PLAN = 500
-"""Queued sagas one admission pass considers at most, per pool."""
+"""Queued sagas one admission pass considers at most, per pool (full keys and later starts left out)."""
+ORPHAN_CHECK = 5.0
+"""Seconds between looks for queues of pools the code no longer defines."""
+NO_LIMIT = Limits(max_running=2**31 - 1)
 log = structlog.get_logger("sagaworks.limits")
 
 
@@ -52,36 +56,43 @@ class Admission:
         self.registry = registry
         self.repository = repository
         self.clock = clock
+        self.orphans_at = 0.0
 
     def run(self) -> float | None:
         found = pools(self.registry)
-        if not found:
-            return 5.0
-        wait = 0.5
+        wait = 0.5 if found else 5.0
         for pool, (_, limits) in found.items():
             admitted, waiting = self.admit(pool, limits)
             if waiting:
                 retry = 1 / limits.starts_per_second if limits.starts_per_second and not admitted else 0.05
                 wait = min(wait, retry)
+        now = time.monotonic()
+        if now >= self.orphans_at:  # queues of pools the code no longer defines: let them all in
+            self.orphans_at = now + ORPHAN_CHECK
+            for pool in self.repository.index.pool_queued():
+                if pool not in found:
+                    log.warning("admitting sagas of a pool no limits define any more", pool=pool)
+                    self.admit(pool, NO_LIMIT)
         return wait
 
     def admit(self, pool: str, limits: Limits) -> tuple[int, bool]:
         """One admission pass over ``pool``: how many it let in, and whether any saga still waits."""
         index = self.repository.index
-        waiting = index.pool_waiting(pool, PLAN)
-        if not waiting:
-            return 0, False
         now = self.clock()
         running = index.pool_running(pool)
+        full = [key for key, count in running.items() if limits.per_key is not None and count >= limits.per_key]
         stored = index.read_rows(BUCKETS, [pool]).get(pool)
         tokens, bucket = self._tokens(limits, stored, now)
         room = math.inf if limits.overall is None else limits.overall - sum(running.values())
+        if min(room, tokens) <= 0:
+            return 0, bool(index.pool_waiting(pool, 1, now, full))
+        waiting = index.pool_waiting(pool, PLAN, now, full)
+        if not waiting:
+            return 0, False
         chosen: list[UUID] = []
-        for saga_uuid, key, due_at in waiting:
+        for saga_uuid, key in waiting:
             if len(chosen) >= min(room, tokens):
                 break
-            if due_at is not None and due_at > now:
-                continue  # start_at lies ahead: its turn comes then
             if limits.per_key is not None and running.get(key, 0) >= limits.per_key:
                 continue
             running[key] = running.get(key, 0) + 1

@@ -16,10 +16,12 @@ the upstream event (``<trigger>:<originator id>:<version>``), so nothing can sta
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
+import structlog
 from eventsourcing.application import Application
 from eventsourcing.persistence import IntegrityError, Tracking
 from pydantic import BaseModel
@@ -27,6 +29,7 @@ from pydantic import BaseModel
 from orchestrator.domain import ChangeTrigger
 from orchestrator.errors import ConfigurationError
 from orchestrator.following import BATCH, Lag, read_batch
+from orchestrator.safety import derived_id, one_line
 from orchestrator.storage import Database, parse_database_url
 from orchestrator.triggers import decide, record_starts
 
@@ -36,6 +39,7 @@ if TYPE_CHECKING:
     from orchestrator.repository import Repository
 
 AppT = TypeVar("AppT", bound=Application[Any])
+log = structlog.get_logger("sagaworks.changes")
 DECISIONS = "changes"
 """The projection rows that say, per upstream event, what each trigger did with it."""
 ENVELOPE = ("originator_version", "timestamp", "originator_topic")
@@ -108,7 +112,7 @@ class ChangeProcessor:
                 if notification.topic != trigger.topic:
                     continue
                 label = trigger.named(saga.name)
-                saga_id = f"{label}:{event.originator_id}:{event.originator_version}"[:200]
+                saga_id = derived_id(label, str(event.originator_id), str(event.originator_version))
                 pool = None if trigger.limits is None else (label, trigger.limits)
                 fields = event_fields(event)
                 decision, aggregate = decide(
@@ -162,6 +166,9 @@ class Changes:
         self.upstreams = dict(upstreams)
         self.max_bytes = max_bytes
         self._processors: dict[str, ChangeProcessor] = {}
+        self._failures: dict[str, int] = {}
+        self._open_error: str | None = None
+        self._resume_at: dict[str, float] = {}
 
     def processors(self) -> list[ChangeProcessor]:
         """One processor per upstream application the registered sagas' triggers follow."""
@@ -188,10 +195,37 @@ class Changes:
         raise ConfigurationError(f"no saga's triggers follow an application named {name!r}")
 
     def run(self) -> float | None:
-        processors = self.processors()
+        try:
+            processors = self.processors()
+        except Exception as error:  # an upstream that cannot be opened (misconfigured, or down)
+            text = f"{type(error).__name__}: {one_line(error)}"
+            if text != self._open_error:
+                log.error("cannot open an upstream application", error=text)
+                self._open_error = text
+            return 5.0
+        self._open_error = None
         if not processors:
             return 5.0
-        read = sum(processor.catch_up() for processor in processors)
+        read = 0
+        now = time.monotonic()
+        for processor in processors:
+            name = processor.upstream.name
+            if now < self._resume_at.get(name, 0.0):
+                continue
+            try:
+                read += processor.catch_up()
+            except Exception as error:  # the upstream's database down, say: only this follower waits
+                tries = self._failures[name] = self._failures.get(name, 0) + 1
+                self._resume_at[name] = now + min(30.0, 0.5 * 2**tries)
+                if tries == 1:
+                    log.warning(
+                        "cannot follow an upstream application; trying again with backoff",
+                        upstream=name,
+                        error=f"{type(error).__name__}: {one_line(error)}",
+                    )
+            else:
+                if self._failures.pop(name, 0):
+                    log.info("following the upstream application again", upstream=name)
         return 0.0 if read else 0.5
 
     def _open(self, upstream: type[Application[Any]]) -> Application[Any]:

@@ -93,6 +93,14 @@ class SagaRun:
     """Why it waits to be admitted (``None``: it is not queued)."""
     admitted: bool = False
     """Whether its pool let it in (it holds a slot until it ends)."""
+    queue_reason: str | None = None
+    """The reason it waits whenever it is queued (at start, and again when a failed saga is resumed)."""
+
+    def requeue(self) -> None:
+        """A failed saga that runs again (retried, or a compensation resolved) waits for a slot again:
+        it gave its slot up when it ended ``failed``."""
+        if self.pool is not None:
+            self.queued, self.admitted = self.queue_reason, False
 
     by_name: dict[str, NodeRun] = field(default_factory=dict, repr=False, compare=False)
 

@@ -10,6 +10,7 @@ free of control characters, and carries no password.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import re
 import unicodedata
@@ -96,6 +97,16 @@ def encode(data: Any, what: str, max_bytes: int) -> bytes:
             f"{what} is {len(encoded):,} bytes of JSON; the limit is {max_bytes:,} (SAGA_MAX_INPUT_BYTES)"
         )
     return encoded
+
+
+def derived_id(*parts: str) -> str:
+    """A saga id made of ``parts`` (a trigger and an event, say), joined by ``:``; one too long keeps
+    its start and ends in a hash of the whole, so two different sources never share an id."""
+    joined = ":".join(parts)
+    if len(joined) <= MAX_SAGA_ID_LENGTH:
+        return joined
+    digest = hashlib.sha256(joined.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+    return f"{joined[: MAX_SAGA_ID_LENGTH - 42]}~{digest}"
 
 
 def check_saga_id(saga_id: Any) -> str:

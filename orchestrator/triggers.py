@@ -27,7 +27,7 @@ from orchestrator.domain import DomainEventRecorded, SagaEnded, Trigger
 from orchestrator.following import Change
 from orchestrator.limits import Limits
 from orchestrator.readmodels.status import index_entry
-from orchestrator.safety import clean_error, one_line
+from orchestrator.safety import clean_error, derived_id, one_line
 from orchestrator.storage import SagaIndex
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ class TriggerProcessor:
             event = trigger.event.model_validate(data)
         except ValidationError as error:
             return {"trigger": label, "skipped": skip_reason(error)}, None
-        saga_id = f"{label}:{event_id}"[:200]
+        saga_id = derived_id(label, event_id)
         pool = None if trigger.limits is None else (label, trigger.limits)
         return decide(saga, label, saga_id, event, trigger.when, trigger.input, data, self.max_bytes, pool)
 
@@ -163,8 +163,8 @@ def record_starts(
     batch (or took a saga id meanwhile); nothing was written, read again.
     """
     if starts:
-        existing, _ = repository.load_many([a.id for a in starts])
-        starts = [a for a in starts if a.id not in existing]
+        existing, broken = repository.load_many([a.id for a in starts])  # an unloadable one exists too
+        starts = [a for a in starts if a.id not in existing and a.id not in broken]
     if not starts:
         by_projection: dict[str, dict[str, bytes | None]] = {}
         for projection, key, doc in rows:

@@ -27,28 +27,32 @@ CATALOGUE: list[type[Saga[Any]]] = [*DEMO, Onboarding, ExpenseReport, NightlyCle
 """Every saga of the catalogue."""
 
 
-def customers_app(database: str | None = None) -> Customers:
-    """The ``Customers`` application beside the catalogue's database: in the same PostgreSQL database,
-    in a file of its own next to an SQLite one (``x.db`` -> ``x.customers.db``), or in memory."""
+def customers_url(database: str | None = None) -> str | None:
+    """Where the ``Customers`` application keeps its events beside the catalogue's database: the same
+    PostgreSQL database, a file of its own next to an SQLite one (``x.db`` -> ``x.customers.db``);
+    ``None`` in memory (the application is then an instance in this process)."""
     url = database or Settings.from_env().database_url
     db = parse_database_url(url)
-    if db.kind == "memory":
-        return Customers()
     if db.kind == "sqlite":
         path = db.env["SQLITE_DBNAME"]
         stem = path[: -len(".db")] if path.endswith(".db") else path
-        db = parse_database_url(f"sqlite:///{stem}.customers.db")
-    return open_upstream(Customers, db)
+        return f"sqlite:///{stem}.customers.db"
+    return None if db.kind == "memory" else url
+
+
+def customers_app(database: str | None = None) -> Customers:
+    """The ``Customers`` application beside the catalogue's database (see ``customers_url``), opened."""
+    url = customers_url(database)
+    return Customers() if url is None else open_upstream(Customers, url)
 
 
 def build_orchestrator(database: str | None = None, customers: Customers | None = None) -> Orchestrator:
-    """An orchestrator for the catalogue and its read models; ``database`` defaults to ``SAGA_DATABASE_URL``,
-    ``customers`` to ``customers_app(database)``."""
+    """An orchestrator for the catalogue and its read models; ``database`` defaults to ``SAGA_DATABASE_URL``.
+    ``customers`` is the upstream application; by default workers open it where ``customers_url`` says
+    (nothing is opened or written before a worker follows it)."""
+    upstream: str | Customers = customers or customers_url(database) or Customers()
     return Orchestrator(
-        sagas=CATALOGUE,
-        database=database,
-        projections=[ApprovedExpenses()],
-        upstreams={Customers: customers or customers_app(database)},
+        sagas=CATALOGUE, database=database, projections=[ApprovedExpenses()], upstreams={Customers: upstream}
     )
 
 
@@ -62,6 +66,7 @@ __all__ = [
     "DEMO",
     "build_orchestrator",
     "customers_app",
+    "customers_url",
     "app",
     "ExpenseClaim",
     "Expense",

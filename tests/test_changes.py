@@ -175,3 +175,28 @@ def test_an_sqlite_upstream_needs_a_file_of_its_own(tmp_path: Path) -> None:
     orch = Orchestrator(sagas=[Onboarding], database=f"sqlite:///{tmp_path / 'own.db'}")
     with pytest.raises(ConfigurationError, match="file of its own"):
         orch.changes.processors()
+
+
+def test_an_upstream_that_is_down_delays_nothing_else(tmp_path: Path) -> None:
+    """A change trigger whose upstream cannot be read backs off on its own: the worker's other sagas
+    run at once, and the side task returns instead of raising."""
+    broken = tmp_path / "gone" / "customers.db"
+    with Orchestrator(
+        sagas=[Onboarding, Plain],
+        database=f"sqlite:///{tmp_path / 'own.db'}",
+        upstreams={Customers: f"sqlite:///{broken}"},
+    ) as orch:
+        assert orch.changes.run() == 5.0
+        saga_id = orch.start(Plain, {"n": 1})
+        [status] = drain(orch, saga_id, timeout=5)
+        assert status.state is SagaState.COMPLETED
+
+
+class Numbered(BaseModel):
+    n: int
+
+
+class Plain(Saga[Numbered]):
+    @step
+    def one(self, job: Numbered) -> int:
+        return job.n

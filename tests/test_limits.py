@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,6 +22,7 @@ from orchestrator import (
     DefinitionError,
     DomainEvent,
     Limits,
+    NonRetryable,
     Orchestrator,
     Saga,
     SagaState,
@@ -163,7 +165,7 @@ def test_queued_sagas_wait_in_order_with_the_reason_in_their_status(database_url
         orch.cancel("held-2", "not needed")
         StatusProjection(orch).rebuild()
         assert orch.repository.index.pool_running("Held") == {"": 1}
-        assert [u for u, _, _ in orch.repository.index.pool_waiting("Held", 10)] == [
+        assert [u for u, _ in orch.repository.index.pool_waiting("Held", 10, datetime.now(UTC), [])] == [
             aggregate_id("held-1"),
             aggregate_id("held-3"),
         ]
@@ -277,3 +279,92 @@ def test_two_worker_processes_never_run_more_than_the_limit(durable_url: str, tm
         most = max(most, running)
     assert most <= 2
     assert len({pid for *_, pid in moments}) == 2  # both processes ran steps
+
+
+class PerKeyHeld(Saga[Job]):
+    limits: ClassVar[Any] = Limits(max_running=1, per=lambda job: job.customer)
+    go = wait_for("go")
+
+    @step
+    def done(self, job: Job) -> None: ...
+
+
+class Undoable(Saga[Job]):
+    """Fails its second step for good; its compensation fails too while FAILING says so."""
+
+    limits: ClassVar[Any] = Limits(max_running=1)
+
+    @step
+    def book(self, job: Job) -> None: ...
+
+    @book.compensate
+    def unbook(self, job: Job, result: None) -> None:
+        if FAILING["on"]:
+            raise NonRetryable("refund service down")
+
+    @step
+    def charge(self, job: Job) -> None:
+        if job.n == 1:
+            raise NonRetryable("card declined")
+
+    go = wait_for("go")
+
+
+FAILING = {"on": True}
+
+
+def test_a_full_key_or_later_starts_hide_no_other_saga(database_url: str) -> None:
+    """600 queued sagas of a full key, or 600 whose start_at lies ahead, do not keep a saga of another
+    key (or one due now) from its slot."""
+    with Orchestrator(sagas=[PerKeyHeld, Held], database=database_url) as orch:
+        for i in range(600):
+            orch.start(PerKeyHeld, {"n": i, "customer": "big"})
+        small = orch.start(PerKeyHeld, {"n": 0, "customer": "small"})
+        tomorrow = datetime.now(UTC) + timedelta(days=1)
+        for i in range(600):
+            orch.start(Held, {"n": i}, start_at=tomorrow)
+        now = orch.start(Held, {"n": 999})
+        orch.admission.run()
+        orch.admission.run()
+        assert orch.status(small).queued is None
+        assert orch.status(now).queued is None
+        assert orch.repository.index.pool_running("PerKeyHeld") == {"big": 1, "small": 1}
+
+
+def test_a_retried_failed_saga_waits_for_a_slot_again(database_url: str) -> None:
+    """A failed saga gave its slot up; retried while another holds the only slot, it queues instead of
+    running past the limit, and runs its undo once the slot frees."""
+    FAILING["on"] = True
+    with Orchestrator(sagas=[Undoable], database=database_url) as orch:
+        failed = orch.start(Undoable, {"n": 1})
+        run_until_done(orch, [failed])
+        assert orch.status(failed).state is SagaState.FAILED
+        holder = orch.start(Undoable, {"n": 2})
+        orch.run_worker(wait=False, poll_interval=0.01)
+        assert orch.status(holder).waiting_for == "go"
+        FAILING["on"] = False
+        orch.retry(failed)
+        orch.run_worker(wait=False, poll_interval=0.01)
+        assert orch.status(failed).queued is not None
+        assert orch.repository.index.pool_running("Undoable") == {"": 1}
+        orch.cancel(holder, compensate=False)
+        run_until_done(orch, [failed])
+        assert orch.status(failed).state is SagaState.COMPENSATED
+
+
+def test_the_queue_of_a_pool_no_longer_defined_is_let_in(durable_url: str) -> None:
+    """Sagas queued under limits that a later release removed are admitted, not stranded."""
+    with Orchestrator(sagas=[Held], database=durable_url) as orch:
+        ids = [orch.start(Held, {"n": i}) for i in range(3)]
+
+    class Unlimited(Saga[Job]):
+        name = "Held"
+        go = wait_for("go")
+
+        @step
+        def done(self, job: Job) -> int:
+            return job.n
+
+    with Orchestrator(sagas=[Unlimited], database=durable_url) as orch:
+        orch.admission.run()
+        assert [orch.status(i).queued for i in ids] == [None, None, None]

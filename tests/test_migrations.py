@@ -28,6 +28,7 @@ def downgrade_to_v1(orch: Orchestrator) -> None:
                 "ALTER TABLE saga_status DROP COLUMN pool",
                 "ALTER TABLE saga_status DROP COLUMN pool_key",
                 "ALTER TABLE saga_status DROP COLUMN queued",
+                "ALTER TABLE saga_status DROP COLUMN pool_due",
             ):
                 cursor.execute(statement)
         else:
@@ -36,7 +37,8 @@ def downgrade_to_v1(orch: Orchestrator) -> None:
                 f"DROP TABLE {schema}.saga_schema; ALTER TABLE {schema}.saga_status DROP COLUMN problem;"
                 f" ALTER TABLE {schema}.saga_work DROP COLUMN failures;"
                 f" ALTER TABLE {schema}.saga_status DROP COLUMN search;"
-                f" ALTER TABLE {schema}.saga_status DROP COLUMN pool, DROP COLUMN pool_key, DROP COLUMN queued"
+                f" ALTER TABLE {schema}.saga_status DROP COLUMN pool, DROP COLUMN pool_key, DROP COLUMN queued,"
+                " DROP COLUMN pool_due"
             )
 
 

@@ -400,3 +400,12 @@ def test_service_faults_are_configurable_and_repeatable() -> None:
     assert 0 < sum(pattern()) < 20
     with pytest.raises(NonRetryable, match="no rooms"):
         HotelService(Faults(permanent=True)).reserve("room", key="k")
+
+
+def test_building_the_catalogue_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sagas:app and build_orchestrator open no database and create no file until a worker runs."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SAGA_DATABASE_URL", f"sqlite:///{tmp_path / 'x.db'}")
+    app()
+    build_orchestrator(f"sqlite:///{tmp_path / 'y.db'}")
+    assert list(tmp_path.iterdir()) == []

@@ -429,3 +429,37 @@ def test_two_worker_processes_racing_fire_every_tick_once_through_the_dst_night(
         fired = [e.tick for e in history(orch, "report") if isinstance(e, sa.ScheduleFired)]
         assert len(fired) == len(ticks) == len(set(fired))
         drain(orch, *[Scheduler.saga_id("report", tick) for tick in ticks])
+
+
+def test_a_far_off_tick_still_fires_and_a_broken_schedule_stops_no_other(database_url: str) -> None:
+    """A one-off schedule 500 days ahead shows its fire time and fires then; a schedule whose saga the
+    code no longer has is logged and skipped while the others fire; too long an id is refused."""
+    clock = Clock(at("2026-05-01T00:00"))
+    with clocked(Orchestrator(sagas=[Report, Nightly], database=database_url), clock) as orch:
+        far = at("2026-05-01T00:00") + timedelta(days=500)
+        orch.schedule(Report, once(far), schedule_id="far")
+        assert orch.scheduler.rows()[0]["next_fire_at"] == far.isoformat()
+        orch.schedule(Nightly, every=60, schedule_id="a-gone", overlap="allow")
+        orch.schedule(Report, every=60, schedule_id="b-kept", overlap="allow")
+        with pytest.raises(InvalidInput, match="at most 150"):
+            orch.schedule(Report, every=60, schedule_id="x" * 151)
+    clock.advance(seconds=61)
+    with clocked(Orchestrator(sagas=[Report], database=database_url), clock) as orch:
+        if orch.database.durable:
+            orch.scheduler.run()
+            assert started(orch, "b-kept") == ["2026-05-01T00:01:00+00:00"]
+            assert "UnknownSaga" in orch.scheduler.problems["a-gone"]
+            clock.now = far + timedelta(seconds=1)
+            orch.scheduler.run()
+            assert started(orch, "far") == [far.isoformat()]
+
+
+def test_schedules_without_an_id_differ_by_definition(database_url: str) -> None:
+    """Two run-time schedules of one saga with different inputs get different ids; the same one twice
+    is one schedule."""
+    with Orchestrator(sagas=[Report], database=database_url) as orch:
+        a = orch.schedule(Report, every=60, input={"report": "a"})
+        b = orch.schedule(Report, every=60, input={"report": "b"})
+        assert a != b
+        assert orch.schedule(Report, every=60, input={"report": "a"}) == a
+        assert len(orch.scheduler.rows()) == 2

@@ -246,3 +246,14 @@ def test_events_over_http_and_the_cli(tmp_path: Any, monkeypatch: pytest.MonkeyP
     assert (emitted.exit_code, emitted.output.strip()) == (0, "cli-1")
     listed = runner.invoke(cli, ["events", "--app", "trig:app"])
     assert [line for line in listed.output.splitlines() if "cli-1" in line]
+
+
+def test_long_event_ids_that_share_a_prefix_start_two_sagas(database_url: str) -> None:
+    """Event ids of 200 characters differing only at the end give two saga ids (a hash keeps them apart)."""
+    with Orchestrator(sagas=[ExpenseApproval], database=database_url) as orch:
+        for i in (1, 2):
+            orch.emit(ClaimSubmitted(claim_id=f"c{i}", employee="ada", amount=900), event_id="e" * 190 + f"/claim-{i}")
+        orch.log.drain(orch.trigger_processor)
+        started = [s.saga_id for s in orch.list(saga="ExpenseApproval")]
+        assert len(set(started)) == 2
+        assert all(len(saga_id) <= 200 for saga_id in started)

@@ -47,6 +47,7 @@ class SagaStarted(SagaEvent, CanInitAggregate[UUID]):
             pool=self.pool,
             pool_key=self.pool_key,
             queued=self.queued if self.pool is not None else None,
+            queue_reason=self.queued if self.pool is not None else None,
         )
 
 

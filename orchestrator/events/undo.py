@@ -72,6 +72,7 @@ class SagaRetried(SagaEvent):
                 # old attempt can never be mistaken for the new one's.
                 node.compensation_failed, node.compensation_base = False, node.compensation_attempts
         run.state, run.due_at, run.error = SagaState.COMPENSATING, self.timestamp, run.cause
+        run.requeue()
 
 
 class CompensationResolved(StepEvent):
@@ -84,6 +85,7 @@ class CompensationResolved(StepEvent):
         node.state, node.compensation_failed = StepState.COMPENSATED, False
         node.last_error = "compensated by hand" + (f": {self.reason}" if self.reason else "")
         run.state, run.due_at, run.error = SagaState.COMPENSATING, self.timestamp, run.cause
+        run.requeue()
 
 
 class SagaTerminated(SagaEvent):

@@ -108,4 +108,5 @@ def index_entry(aggregate: SagaAggregate) -> IndexEntry:
         pool=None if run.pool is None or run.state.terminal or not (run.queued or run.admitted) else run.pool,
         pool_key=run.pool_key,
         queued=run.queued is not None,
+        pool_due=run.due_at if run.queued is not None else None,
     )

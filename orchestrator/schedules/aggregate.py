@@ -101,8 +101,8 @@ class ScheduleFired(ScheduleEvent):
 
     def evolve(self, schedule: Schedule) -> None:
         if not self.manual:
-            schedule.last_tick = self.tick
-            if schedule.buffered is not None and schedule.buffered <= self.tick:
+            schedule.last_tick = self.tick if schedule.last_tick is None else max(schedule.last_tick, self.tick)
+            if schedule.buffered == self.tick:
                 schedule.buffered = None
         schedule.last_saga_id = self.saga_id
         schedule.runs = [*schedule.runs, {"tick": self.tick.isoformat(), "saga_id": self.saga_id}][-RECENT:]
@@ -125,6 +125,9 @@ class ScheduleBuffered(ScheduleEvent):
     tick: datetime
 
     def evolve(self, schedule: Schedule) -> None:
+        if schedule.buffered is not None and schedule.buffered != self.tick:  # one waits: the later one
+            replaced = {"tick": schedule.buffered.isoformat(), "skipped": "replaced by a later tick while buffered"}
+            schedule.runs = [*schedule.runs, replaced][-RECENT:]
         schedule.last_tick, schedule.buffered = self.tick, self.tick
 
 

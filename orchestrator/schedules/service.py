@@ -10,6 +10,7 @@ version (a second worker's save of the same tick is refused).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -22,9 +23,10 @@ from eventsourcing.persistence import IntegrityError
 from orchestrator.aggregate import SagaAggregate, aggregate_id
 from orchestrator.errors import InvalidInput, InvalidTransition, ScheduleNotFound
 from orchestrator.readmodels.status import index_entry
-from orchestrator.safety import check_saga_id, check_text, short
+from orchestrator.safety import check_saga_id, check_text, one_line, short
 from orchestrator.schedules import aggregate as sa
 from orchestrator.schedules.spec import ScheduleSpec, utc
+from orchestrator.storage import is_transient
 
 if TYPE_CHECKING:
     from orchestrator.registry import Registry
@@ -33,6 +35,8 @@ if TYPE_CHECKING:
 ROWS = "schedules"
 """The projection rows of the schedules' read model (one per schedule)."""
 UNDECLARED = "no longer declared by the code"
+MAX_ID = 150
+"""Longest schedule id: ``schedule:<id>:manual:<tick>`` must stay a valid saga id (200)."""
 log = structlog.get_logger("sagaworks.schedules")
 
 
@@ -52,6 +56,8 @@ class Scheduler:
         self.max_wait = 5.0
         """Longest pause between two looks at the schedules (new and edited ones are seen this soon)."""
         self.declared_done = False
+        self.problems: dict[str, str] = {}
+        """The last error each schedule met, as logged (a schedule whose saga is gone, say)."""
 
     # Management
 
@@ -60,9 +66,12 @@ class Scheduler:
         saga_class = self.registry.saga_class(saga)
         spec = spec.model_copy(update={"saga": saga_class.name})
         SagaAggregate.begin(saga_class, spec.input, "schedule-input-check", None, self.max_bytes)  # bad input: now
-        schedule_id = check_saga_id(
-            schedule_id or f"{saga_class.name}.{spec.cron or spec.every or utc(spec.at or self.clock())}"
-        )
+        if schedule_id is None:  # the same saga and definition: the same schedule; any change: another
+            digest = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:12]
+            schedule_id = f"{saga_class.name[:120]}.{digest}"
+        schedule_id = check_saga_id(schedule_id)
+        if len(schedule_id) > MAX_ID:
+            raise InvalidInput(f"a schedule id has at most {MAX_ID} characters (its sagas' ids add a tick)")
         try:
             schedule = self.load(schedule_id)
         except ScheduleNotFound:
@@ -146,8 +155,14 @@ class Scheduler:
             if upcoming is not None and datetime.fromisoformat(upcoming) > now and row["buffered"] is None:
                 wait = min(wait, (datetime.fromisoformat(upcoming) - now).total_seconds())
                 continue
-            with contextlib.suppress(IntegrityError):  # another worker recorded this tick first
+            try:
                 self.tick(row["schedule_id"], now)
+            except IntegrityError:
+                pass  # another worker recorded this tick first
+            except Exception as error:  # one broken schedule (its saga gone, say) must not stop the others
+                if is_transient(error):
+                    raise
+                self._problem(row["schedule_id"], error)
         return max(0.01, wait)
 
     def tick(self, schedule_id: str, now: datetime) -> None:
@@ -192,7 +207,12 @@ class Scheduler:
                     if attempt:
                         raise
         for row in self.rows():
-            if row["declared"] and row["schedule_id"] not in declared and not row["paused"]:
+            if (
+                row["declared"]
+                and row["schedule_id"] not in declared
+                and row["saga"] in self.registry.sagas  # another app's sagas: theirs to declare
+                and not row["paused"]
+            ):
                 with contextlib.suppress(IntegrityError):
                     self.pause(row["schedule_id"], UNDECLARED)
         self.declared_done = True
@@ -215,6 +235,12 @@ class Scheduler:
 
     # Internals
 
+    def _problem(self, schedule_id: str, error: Exception) -> None:
+        text = f"{type(error).__name__}: {one_line(error)}"
+        if self.problems.get(schedule_id) != text:  # once per problem, not every few seconds
+            log.error("schedule cannot fire", schedule_id=schedule_id, error=text)
+            self.problems[schedule_id] = text
+
     def _previous_ended(self, schedule: sa.Schedule) -> bool:
         if schedule.last_saga_id is None:
             return True
@@ -223,11 +249,11 @@ class Scheduler:
 
     def _fire(self, schedule: sa.Schedule, fires: list[tuple[datetime, str, bool]]) -> None:
         saga_class = self.registry.saga_class(schedule.spec.saga)
-        existing, _ = self.repository.load_many([aggregate_id(saga_id) for _, saga_id, _ in fires])
+        existing, broken = self.repository.load_many([aggregate_id(saga_id) for _, saga_id, _ in fires])
         starts = []
         now = self.clock()
         for tick, saga_id, manual in fires:
-            if aggregate_id(saga_id) not in existing:  # a tick already fired by hand or by a backfill
+            if aggregate_id(saga_id) not in existing.keys() | broken.keys():  # fired already (by hand, a backfill)
                 delay = schedule.spec.delay(schedule.schedule_id, tick)
                 start_at = tick + delay if delay else None
                 starts.append(SagaAggregate.begin(saga_class, schedule.spec.input, saga_id, start_at, self.max_bytes))

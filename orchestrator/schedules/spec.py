@@ -144,8 +144,20 @@ class ScheduleSpec(BaseModel):
         return after, until
 
     def next_tick(self, after: datetime, origin: datetime) -> datetime | None:
-        """The first tick after ``after`` (``None``: the schedule has ended)."""
-        return next(self.ticks(after, after + timedelta(days=400), origin), None)
+        """The first tick after ``after``, however far ahead (``None``: the schedule has ended)."""
+        after, _ = self._bounds(after, after)
+        zone = ZoneInfo(self.tz)
+        if self.at is not None:
+            tick: datetime | None = self.at if self.at > after else None
+        elif self.every is not None:
+            first, step = self.start or origin, timedelta(seconds=self.every)
+            tick = first + max(0, (after - first) // step + 1) * step
+        else:
+            assert self.cron is not None
+            tick = croniter(self.cron, after.astimezone(zone)).get_next(datetime)
+        if tick is None or (self.end is not None and tick > self.end):
+            return None
+        return tick.astimezone(zone)
 
     def delay(self, schedule_id: str, tick: datetime) -> timedelta:
         """This tick's jitter: the same for every worker (derived from the schedule and the tick)."""

@@ -197,17 +197,25 @@ class MemoryRecorder(SagaIndex, POPOProcessRecorder):
     def _running(entries: Iterable[IndexEntry], pool: str) -> dict[str, int]:
         return dict(Counter(e.pool_key for e in entries if e.pool == pool and not e.queued))
 
-    def pool_waiting(self, pool: str, limit: int) -> list[tuple[UUID, str, datetime | None]]:
+    def pool_waiting(self, pool: str, limit: int, now: datetime, full: list[str]) -> list[tuple[UUID, str]]:
         with self._database_lock:
             queued = sorted(
-                (e for e in self.status.values() if e.pool == pool and e.queued),
+                (
+                    e
+                    for e in self.status.values()
+                    if e.pool == pool
+                    and e.queued
+                    and e.pool_due is not None
+                    and e.pool_due <= now
+                    and e.pool_key not in full
+                ),
                 key=lambda e: (e.created_at, e.saga_uuid),
             )
-        found = []
-        for e in queued[:limit]:
-            due = orjson.loads(e.doc).get("due_at")
-            found.append((e.saga_uuid, e.pool_key, None if due is None else datetime.fromisoformat(due)))
-        return found
+        return [(e.saga_uuid, e.pool_key) for e in queued[:limit]]
+
+    def pool_queued(self) -> list[str]:
+        with self._database_lock:
+            return sorted({e.pool for e in self.status.values() if e.pool is not None and e.queued})
 
     def write_status(self, entries: list[IndexEntry], position: int | None, *, reset: bool = False) -> None:
         with self._database_lock:

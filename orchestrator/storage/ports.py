@@ -45,6 +45,8 @@ class IndexEntry:
     pool_key: str = ""
     queued: bool = False
     """Waiting for a slot (``True``) or holding one."""
+    pool_due: datetime | None = None
+    """When a queued saga may be admitted (its ``start_at``, or its start)."""
 
 
 @dataclass(frozen=True)
@@ -234,8 +236,13 @@ class SagaIndex(ABC):
         """The admitted sagas of ``pool`` that have not ended, counted per key."""
 
     @abstractmethod
-    def pool_waiting(self, pool: str, limit: int) -> list[tuple[UUID, str, datetime | None]]:
-        """Up to ``limit`` queued sagas of ``pool``, oldest first: (aggregate id, key, when it may start)."""
+    def pool_waiting(self, pool: str, limit: int, now: datetime, full: list[str]) -> list[tuple[UUID, str]]:
+        """Up to ``limit`` queued sagas of ``pool`` that may start by ``now``, of no key in ``full``,
+        oldest first: (aggregate id, key)."""
+
+    @abstractmethod
+    def pool_queued(self) -> list[str]:
+        """The pools that have sagas waiting."""
 
     @abstractmethod
     def read_rows(self, projection: str, keys: list[str] | None = None) -> dict[str, bytes]:

@@ -189,6 +189,9 @@ class PostgresIndexRecorder(SqlIndex, PostgresProcessRecorder):
     def keys_param(self, keys: list[str]) -> dict[str, Any]:
         return {"keys": keys}
 
+    def key_list(self, keys: list[str]) -> Any:
+        return keys
+
     def keys_slot(self, keys: list[str]) -> str:
         return ""
 
@@ -277,6 +280,7 @@ def _status_columns(entries: Sequence[IndexEntry]) -> tuple[list[Any], ...]:
         [e.pool for e in entries],
         [e.pool_key for e in entries],
         [e.queued for e in entries],
+        [e.pool_due for e in entries],
     )
 
 

@@ -278,10 +278,19 @@ class SqlIndex(SagaIndex):
     def _running(self, cursor: Cursor, pool: str) -> dict[str, int]:
         return {key: int(count) for key, count in self.rows(cursor, "pool_running", {"pool": pool})}
 
-    def pool_waiting(self, pool: str, limit: int) -> list[tuple[UUID, str, datetime | None]]:
+    def pool_waiting(self, pool: str, limit: int, now: datetime, full: list[str]) -> list[tuple[UUID, str]]:
+        params = {"pool": pool, "limit": limit, "now": self.moment(now), "full": self.key_list(full)}
         with self.transaction(commit=False) as cursor:
-            found = self.rows(cursor, "pool_waiting", {"pool": pool, "limit": limit})
-        return [(UUID(str(u)), key, None if due is None else datetime.fromisoformat(due)) for u, key, due in found]
+            found = self.rows(cursor, "pool_waiting", params)
+        return [(UUID(str(u)), key) for u, key in found]
+
+    def pool_queued(self) -> list[str]:
+        with self.transaction(commit=False) as cursor:
+            return [pool for (pool,) in self.rows(cursor, "pool_queued")]
+
+    @abstractmethod
+    def key_list(self, keys: list[str]) -> Any:
+        """A list of texts as one query parameter (an array, or JSON for SQLite's ``json_each``)."""
 
     def check_admission(self, cursor: Cursor, check: AdmissionCheck) -> None:
         """Refuse (``PoolFull``) an admission that this transaction's view of the pool does not allow."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -10,13 +11,22 @@ from typing import Any
 from uuid import UUID
 
 import orjson
-from eventsourcing.persistence import StoredEvent, Tracking
+from eventsourcing.persistence import IntegrityError, OperationalError, StoredEvent, Tracking
 from eventsourcing.sqlite import SQLiteCursor, SQLiteProcessRecorder
 
 from orchestrator.storage.ports import APPLICATION_NAME, Claim, IndexEntry, ThreadWaker, Waker
 from orchestrator.storage.sql import Cursor, Queries, SqlIndex, statements
 
 QUERIES = Queries.load("sqlite")
+
+
+CREATE_TRIES = 5
+
+
+def _contended(error: BaseException) -> bool:
+    """Whether ``error`` is another process creating the same tables at the same moment."""
+    text = str(error).lower()
+    return isinstance(error, IntegrityError) or "locked" in text or "already exists" in text
 
 
 class SQLiteIndexRecorder(SqlIndex, SQLiteProcessRecorder):
@@ -30,7 +40,16 @@ class SQLiteIndexRecorder(SqlIndex, SQLiteProcessRecorder):
     # Schema
 
     def create_table(self) -> None:
-        super().create_table()
+        # The library creates its tables (and records its own migration) in a deferred transaction:
+        # two processes opening a new file at once can collide; the loser finds them made on a retry.
+        for attempt in range(CREATE_TRIES):
+            try:
+                super().create_table()
+                break
+            except (IntegrityError, OperationalError) as error:
+                if attempt == CREATE_TRIES - 1 or not _contended(error):
+                    raise
+                time.sleep(0.05 * (attempt + 1))
         if self._schema_version() < len(QUERIES.migrations):
             self._migrate()
 
@@ -75,6 +94,9 @@ class SQLiteIndexRecorder(SqlIndex, SQLiteProcessRecorder):
 
     def param(self, name: str) -> str:
         return f":{name}"
+
+    def key_list(self, keys: list[str]) -> Any:
+        return orjson.dumps(keys).decode()
 
     def search_clause(self, search: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         # Field names are identifiers (checked by the caller); values go in as JSON, so a string,
@@ -122,6 +144,7 @@ class SQLiteIndexRecorder(SqlIndex, SQLiteProcessRecorder):
             "pool": entry.pool,
             "pool_key": entry.pool_key,
             "queued": entry.queued,
+            "pool_due": None if entry.pool_due is None else entry.pool_due.timestamp(),
         }
 
     # Writes in the events' transaction

@@ -50,12 +50,14 @@ RETURNING notification_id
 -- A later version always wins over an earlier one (a rebuild may rewrite an equal one); any
 -- write of the row clears a problem noted at an earlier version.
 INSERT INTO {schema}.saga_status (saga_uuid, saga_id, saga, state, version, created_at, updated_at, doc, search,
-                                  pool, pool_key, queued)
+                                  pool, pool_key, queued, pool_due)
 SELECT * FROM unnest(%b::uuid[], %b::text[], %b::text[], %b::text[], %b::int[], %b::timestamptz[],
-                     %b::timestamptz[], %b::jsonb[], %b::jsonb[], %b::text[], %b::text[], %b::bool[])
+                     %b::timestamptz[], %b::jsonb[], %b::jsonb[], %b::text[], %b::text[], %b::bool[],
+                     %b::timestamptz[])
 ON CONFLICT (saga_uuid) DO UPDATE SET
     state = EXCLUDED.state, version = EXCLUDED.version, updated_at = EXCLUDED.updated_at,
-    doc = EXCLUDED.doc, problem = NULL, pool = EXCLUDED.pool, queued = EXCLUDED.queued
+    doc = EXCLUDED.doc, problem = NULL, pool = EXCLUDED.pool, queued = EXCLUDED.queued,
+    pool_due = EXCLUDED.pool_due
 WHERE saga_status.version <= EXCLUDED.version
 
 -- name: upsert_work
@@ -161,6 +163,7 @@ CREATE INDEX IF NOT EXISTS saga_deliveries_saga ON {schema}.saga_deliveries (sag
 ALTER TABLE {schema}.saga_status ADD COLUMN IF NOT EXISTS pool text;
 ALTER TABLE {schema}.saga_status ADD COLUMN IF NOT EXISTS pool_key text;
 ALTER TABLE {schema}.saga_status ADD COLUMN IF NOT EXISTS queued boolean;
+ALTER TABLE {schema}.saga_status ADD COLUMN IF NOT EXISTS pool_due timestamptz;
 CREATE INDEX IF NOT EXISTS saga_status_pool ON {schema}.saga_status (pool, queued, created_at, saga_uuid)
     WHERE pool IS NOT NULL;
 
@@ -168,9 +171,15 @@ CREATE INDEX IF NOT EXISTS saga_status_pool ON {schema}.saga_status (pool, queue
 SELECT pool_key, count(*) FROM {schema}.saga_status WHERE pool = %(pool)s AND NOT queued GROUP BY pool_key
 
 -- name: pool_waiting
--- Oldest first: a pool admits in the order its sagas were started.
-SELECT saga_uuid, pool_key, doc->>'due_at' FROM {schema}.saga_status
-WHERE pool = %(pool)s AND queued ORDER BY created_at, saga_uuid LIMIT %(limit)s
+-- Oldest first: a pool admits in the order its sagas were started; not before their start_at,
+-- and none of a key that is full already (so a long queue of one key hides no other key).
+SELECT saga_uuid, pool_key FROM {schema}.saga_status
+WHERE pool = %(pool)s AND queued AND pool_due <= %(now)s AND pool_key <> ALL(%(full)s)
+ORDER BY created_at, saga_uuid LIMIT %(limit)s
+
+-- name: pool_queued
+-- Pools with sagas waiting (also pools the code no longer defines, whose queue must not be stranded).
+SELECT DISTINCT pool FROM {schema}.saga_status WHERE pool IS NOT NULL AND queued
 
 -- name: purge_candidates
 -- Finished before the cutoff, with no notification still to deliver; with a safe position, only

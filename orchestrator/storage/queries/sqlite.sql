@@ -29,12 +29,13 @@ CREATE INDEX IF NOT EXISTS saga_status_created ON saga_status (created_at);
 -- A later version always wins over an earlier one (a rebuild may rewrite an equal one); any
 -- write of the row clears a problem noted at an earlier version.
 INSERT INTO saga_status (saga_uuid, saga_id, saga, state, version, created_at, updated_at, doc, search,
-                         pool, pool_key, queued)
+                         pool, pool_key, queued, pool_due)
 VALUES (:saga_uuid, :saga_id, :saga, :state, :version, :created_at, :updated_at, :doc, :search,
-        :pool, :pool_key, :queued)
+        :pool, :pool_key, :queued, :pool_due)
 ON CONFLICT (saga_uuid) DO UPDATE SET
     state = excluded.state, version = excluded.version, updated_at = excluded.updated_at,
-    doc = excluded.doc, problem = NULL, pool = excluded.pool, queued = excluded.queued
+    doc = excluded.doc, problem = NULL, pool = excluded.pool, queued = excluded.queued,
+    pool_due = excluded.pool_due
 WHERE saga_status.version <= excluded.version
 
 -- name: upsert_work
@@ -129,6 +130,7 @@ CREATE INDEX IF NOT EXISTS saga_deliveries_saga ON saga_deliveries (saga_uuid);
 ALTER TABLE saga_status ADD COLUMN pool TEXT;
 ALTER TABLE saga_status ADD COLUMN pool_key TEXT;
 ALTER TABLE saga_status ADD COLUMN queued INTEGER;
+ALTER TABLE saga_status ADD COLUMN pool_due REAL;
 CREATE INDEX IF NOT EXISTS saga_status_pool ON saga_status (pool, queued, created_at, saga_uuid)
     WHERE pool IS NOT NULL;
 
@@ -136,9 +138,15 @@ CREATE INDEX IF NOT EXISTS saga_status_pool ON saga_status (pool, queued, create
 SELECT pool_key, count(*) FROM saga_status WHERE pool = :pool AND NOT queued GROUP BY pool_key
 
 -- name: pool_waiting
--- Oldest first: a pool admits in the order its sagas were started.
-SELECT saga_uuid, pool_key, json_extract(CAST(doc AS TEXT), '$.due_at') FROM saga_status
-WHERE pool = :pool AND queued ORDER BY created_at, saga_uuid LIMIT :limit
+-- Oldest first: a pool admits in the order its sagas were started; not before their start_at,
+-- and none of a key that is full already (so a long queue of one key hides no other key).
+SELECT saga_uuid, pool_key FROM saga_status
+WHERE pool = :pool AND queued AND pool_due <= :now AND pool_key NOT IN (SELECT value FROM json_each(:full))
+ORDER BY created_at, saga_uuid LIMIT :limit
+
+-- name: pool_queued
+-- Pools with sagas waiting (also pools the code no longer defines, whose queue must not be stranded).
+SELECT DISTINCT pool FROM saga_status WHERE pool IS NOT NULL AND queued
 
 -- name: purge_candidates
 -- Finished before the cutoff, with no notification still to deliver; with a safe position, only
