@@ -368,3 +368,44 @@ def test_the_queue_of_a_pool_no_longer_defined_is_let_in(durable_url: str) -> No
     with Orchestrator(sagas=[Unlimited], database=durable_url) as orch:
         orch.admission.run()
         assert [orch.status(i).queued for i in ids] == [None, None, None]
+
+
+def test_two_admission_passes_racing_never_admit_past_the_limit(durable_url: str) -> None:
+    """Two orchestrators' admission passes released at the same moment, fifteen times, one of them
+    planning from a stale count: its save is refused whole, so never more than max_running hold slots."""
+    a = Orchestrator(sagas=[Held], database=durable_url).open()
+    b = Orchestrator(sagas=[Held], database=durable_url).open()
+    # b counts the pool's slots, then dawdles while a admits and commits, then reads the queue: it
+    # plans from a count that is out of date by the time it saves. Only the in-transaction check
+    # can stop it.
+    index: Any = b.repository.index
+    read = index.pool_running
+
+    def slow_read(pool: str) -> dict[str, int]:
+        found: dict[str, int] = read(pool)
+        time.sleep(0.05)
+        return found
+
+    index.pool_running = slow_read
+    try:
+        for i in range(40):
+            a.start(Held, {"n": i})
+        for _ in range(15):
+            barrier = threading.Barrier(2)
+
+            def admit(orch: Orchestrator, barrier: threading.Barrier = barrier) -> None:
+                barrier.wait()
+                orch.admission.admit("Held", Held.limits)
+
+            threads = [threading.Thread(target=admit, args=(orch,)) for orch in (a, b)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert sum(a.repository.index.pool_running("Held").values()) <= 1
+            for status in a.list(saga="Held", limit=100):
+                if status.queued is None and not status.state.terminal:
+                    a.cancel(status.saga_id, compensate=False)
+    finally:
+        a.close()
+        b.close()

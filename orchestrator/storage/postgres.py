@@ -202,8 +202,16 @@ class PostgresIndexRecorder(SqlIndex, PostgresProcessRecorder):
     ) -> None:
         # As the library does: lock the table (so notification ids commit in order), notify
         # listeners, insert, and leave the returned ids on this cursor for the library to read.
+        #
+        # The library keeps an exception raised here until its transaction has ended, and that
+        # ends in a COMMIT unless a statement failed: whatever was written before a Python error
+        # would stay. So nothing here raises after the first write; the admission check, which
+        # must see the pool under the lock, runs before it.
         self.own_pids.add(curs.connection.info.backend_pid)
         self._lock_table(curs)
+        if (check := kwargs.get("admission")) is not None:
+            with curs.connection.cursor() as reader:
+                self.check_admission(reader, check, kwargs.get("index", ()))
         self._notify_channel(curs)
         curs.execute(
             self.insert_events_statement,
@@ -231,8 +239,6 @@ class PostgresIndexRecorder(SqlIndex, PostgresProcessRecorder):
                 done = [e.saga_uuid for e in entries if e.due_at is None]
                 if done:
                     index.execute(self.compiled["delete_work"], (done,), prepare=True)
-            if (check := kwargs.get("admission")) is not None:
-                self.check_admission(index, check)
             self.put_rows(index, kwargs.get("rows", ()))
             index.execute(self.compiled["track_head"], {"application": APPLICATION_NAME}, prepare=True)
 

@@ -292,10 +292,15 @@ class SqlIndex(SagaIndex):
     def key_list(self, keys: list[str]) -> Any:
         """A list of texts as one query parameter (an array, or JSON for SQLite's ``json_each``)."""
 
-    def check_admission(self, cursor: Cursor, check: AdmissionCheck) -> None:
-        """Refuse (``PoolFull``) an admission that this transaction's view of the pool does not allow."""
+    def check_admission(self, cursor: Cursor, check: AdmissionCheck, unwritten: Sequence[IndexEntry] = ()) -> None:
+        """Refuse (``PoolFull``) an admission that this transaction's view of the pool does not allow;
+        ``unwritten``: the save's index entries, when the check runs before they are written."""
         bucket = self.rows_in(cursor, BUCKETS, [check.pool]).get(check.pool)
-        check_admission(check, self._running(cursor, check.pool), bucket)
+        running = self._running(cursor, check.pool)
+        for entry in unwritten:
+            if entry.pool == check.pool and not entry.queued:
+                running[entry.pool_key] = running.get(entry.pool_key, 0) + 1
+        check_admission(check, running, bucket)
 
     def reset_follower(self, name: str, projection: str | None = None) -> None:
         with self.transaction(commit=True) as cursor:
