@@ -51,6 +51,8 @@ class Admission:
     """The side task every worker runs: let queued sagas in as their pools' limits allow."""
 
     name = "admission"
+    on_wake = True
+    """New events may be queued starts or ended sagas (a slot freed): look soon."""
 
     def __init__(self, registry: Registry, repository: Repository, clock: Callable[[], datetime]) -> None:
         self.registry = registry

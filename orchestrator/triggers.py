@@ -114,6 +114,8 @@ class Triggering:
     """The side task workers run: start the sagas that new domain events trigger (when any saga has triggers)."""
 
     name = "triggers"
+    on_wake = True
+    """New events may be domain events: look at them soon, not after the idle pause."""
 
     def __init__(self, processor: TriggerProcessor, log: Any) -> None:
         self.processor = processor

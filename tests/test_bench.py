@@ -199,3 +199,18 @@ def test_summary_of_runs_is_the_median_and_the_fewest_finished() -> None:
         {"sagas_per_s": 200.0, "finished": 20},
     ]
     assert summarise(runs) == {"sagas_per_s": 200.0, "finished": 19}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_bench_events_compares_triggered_starts_with_direct_ones(backend: str, request: pytest.FixtureRequest) -> None:
+    """The events workload starts 20 sagas directly and 20 through a trigger and reports both rates,
+    their ratio and the trigger lag."""
+    database = ["--database", request.getfixturevalue("pg_server")] if backend == "postgres" else []
+    result = bench("--backend", backend, *database, "--workers", "1", "--workload", "events")
+    assert result["finished"] == 20
+    for key in ("direct_starts_per_s", "emits_per_s", "event_starts_per_s", "trigger_lag_p50_ms"):
+        assert result[key] > 0, key
+    assert result["events_vs_direct"] == pytest.approx(
+        result["event_starts_per_s"] / result["direct_starts_per_s"], rel=0.02
+    )
+    assert result["trigger_lag_p99_ms"] >= result["trigger_lag_p50_ms"]

@@ -28,14 +28,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from orchestrator import ConfigurationError, Orchestrator, Settings
-from orchestrator.bench import clients, phases
+from orchestrator.bench import clients, events, phases
 from orchestrator.bench.databases import analyze_status, fresh_database, insert_commit_rate
 from orchestrator.bench.phases import Say, max_event, percentile
 from orchestrator.bench.server import ServeProcess
 from orchestrator.bench.workers import ThreadWorker, WorkerProcesses, Workers
 from orchestrator.bench.workloads import WORKLOADS, app
 
-WORKLOAD_NAMES = (*WORKLOADS, "status", "http")
+WORKLOAD_NAMES = (*WORKLOADS, "status", "http", "events")
 NO_WORKERS = ("status", "http")
 """The workloads that run no workers: they measure starts and reads."""
 STATUS_SAGAS = 200_000
@@ -201,6 +201,10 @@ def run_once(options: BenchOptions, url: str, say: Say) -> dict[str, Any]:
             return run_status(options, orch, say)
         if options.workload == "http":
             return run_http(options, orch, url, say)
+        if options.workload == "events":
+            return events.run_events(
+                orch, options.count, lambda: start_workers(options, orch, url, options.workers), say
+            )
         return run_sagas(options, orch, url, say)
 
 

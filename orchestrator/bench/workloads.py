@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import structlog
 from pydantic import BaseModel
 
-from orchestrator import NonRetryable, Orchestrator, Saga, SagaState, step, wait_for
+from orchestrator import DomainEvent, NonRetryable, Orchestrator, Saga, SagaState, on, step, wait_for
 
 GO = "go"
 """The event the ``wait`` workload's sagas wait for; the bench sends it."""
@@ -83,6 +83,22 @@ class BenchWait(Saga[BenchInput]):
         return None
 
 
+class BenchEvent(DomainEvent):
+    """The domain event of the ``events`` workload: each starts one ``BenchTriggered``."""
+
+    n: int
+
+
+class BenchTriggered(Saga[BenchInput]):
+    """One no-op step, started directly or by a ``BenchEvent`` through a trigger."""
+
+    triggers: ClassVar[list[Any]] = [on(BenchEvent, input=lambda event: BenchInput(n=event.n))]
+
+    @step
+    def one(self, job: BenchInput) -> None:
+        return None
+
+
 @dataclass(frozen=True)
 class Workload:
     """A saga the bench runs, with what it should end as and what it costs in attempts."""
@@ -104,7 +120,7 @@ WORKLOADS: dict[str, Workload] = {
 }
 """The workloads that run sagas through workers (``status`` measures reads and has its own code)."""
 
-BENCH_SAGAS: list[type[Saga[Any]]] = [BenchOk, BenchCompensate, BenchWait]
+BENCH_SAGAS: list[type[Saga[Any]]] = [BenchOk, BenchCompensate, BenchWait, BenchTriggered]
 """Every saga a bench worker must know."""
 
 

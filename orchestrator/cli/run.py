@@ -111,7 +111,7 @@ def demo(ctx: click.Context, database: str | None, count: int) -> None:
 @click.command()
 @click.option(
     "--workload",
-    type=click.Choice(["ok", "compensate", "wait", "status", "http"]),
+    type=click.Choice(["ok", "compensate", "wait", "status", "http", "events"]),
     default="ok",
     show_default=True,
     help="http: starts through orch.start() vs POST /sagas/BenchOk of a saga serve subprocess, then status polls.",

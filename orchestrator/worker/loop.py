@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("sagaworks.worker")
 MAX_BACKOFF = 30.0
 """Longest pause between two rounds of a worker whose storage keeps failing, in seconds."""
+WAKE_GAP = 0.02
+"""Seconds at least between two runs of a log-following side task that new events made due."""
 
 
 class Worker:
@@ -73,6 +75,8 @@ class Worker:
         self.leases = Leases(self.books)
         self.side_tasks = [*side_tasks, *orchestrator.side_tasks]
         self.side_due = {id(task): 0.0 for task in self.side_tasks}
+        self.side_ran: dict[int, float] = {}
+        self.side_woken = False
         self.outside_work = True
         """Someone else may have made work due (another process, another thread, a timer)."""
         self.claim_at = 0.0
@@ -99,6 +103,7 @@ class Worker:
     def wake(self) -> None:
         """Called when work may be due: a NOTIFY, another connection's commit, a save in this process."""
         self.outside_work = True
+        self.side_woken = True
         self.state.signal.set()
 
     def run(self, *, drain: bool) -> None:
@@ -243,8 +248,18 @@ class Worker:
     # Between rounds
 
     def _run_side_tasks(self) -> None:
-        """Run the side tasks that are due; one that fails is logged and tried again later."""
+        """Run the side tasks that are due; one that fails is logged and tried again later.
+
+        New events (a wake-up) make the tasks that follow the log due soon (``on_wake``): a trigger
+        starts its saga without waiting for the task's idle pause.
+        """
         now = time.monotonic()
+        if self.side_woken:
+            self.side_woken = False
+            for task in self.side_tasks:
+                if getattr(task, "on_wake", False):
+                    key = id(task)
+                    self.side_due[key] = min(self.side_due[key], self.side_ran.get(key, 0.0) + WAKE_GAP)
         for task in self.side_tasks:
             if now < self.side_due[id(task)] or self.state.stopping.is_set():
                 continue
@@ -256,6 +271,7 @@ class Worker:
                 self.log.exception("side task failed; trying again later", task=task.name)
                 delay = MAX_BACKOFF
             self.side_due[id(task)] = now + (self.state.poll_interval if delay is None else delay)
+            self.side_ran[id(task)] = now
 
     def _sweep(self) -> bool:
         """Run every side task now, due or not; whether that woke the worker (there is work now)."""

@@ -33,6 +33,7 @@ class SideTask(Protocol):
     """
 
     name: str
+    # A task may also set ``on_wake = True``: new events make it due soon (it follows the log).
 
     def run(self) -> float | None:
         """Do what is due now; seconds until the task wants to run again."""
