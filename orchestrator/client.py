@@ -270,7 +270,7 @@ class Orchestrator(Reads):
         aggregate = SagaAggregate.begin(saga_class, input, saga_id, start_at, self.settings.max_input_bytes, notify)
         try:
             with self.repository.translating("starting a saga"):
-                self.repository.save([aggregate])
+                self.repository.save([aggregate], group=True)
             metrics.SAGAS_STARTED.labels(saga_class.name).inc()
         except IntegrityError:
             # Either started before, or our own commit landed and its acknowledgement was lost.
@@ -399,7 +399,7 @@ class Orchestrator(Reads):
         uuid = aggregate_id(check_saga_id(saga_id))
         try:
             with self.repository.translating("recording a command"):
-                self.repository.update(uuid, command, outages=COMMAND_OUTAGES)
+                self.repository.update(uuid, command, outages=COMMAND_OUTAGES, group=True)
         except SagaNotFound:
             raise SagaNotFound(f"no saga with id {short(saga_id)}") from None
 

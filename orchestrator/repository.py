@@ -15,6 +15,7 @@ from uuid import UUID
 from eventsourcing.persistence import IntegrityError, PersistenceError, StoredEvent
 
 from orchestrator.aggregate import SagaAggregate
+from orchestrator.commits import GroupCommit
 from orchestrator.errors import OrchestratorError, SagaNotFound
 from orchestrator.events import SagaEvent
 from orchestrator.readmodels.status import index_entry
@@ -60,6 +61,8 @@ class Repository:
         self._store: SagaApplication | None = None
         self._lock = threading.Lock()
         self._wakers: list[Callable[[], None]] = []
+        self.commits = GroupCommit(self._write)
+        """Commands of this process (starts, sends, cancels...) that arrive together share a transaction."""
 
     def open(self) -> SagaApplication:
         """The application, opened (and the schema created or migrated) if it is not yet."""
@@ -145,14 +148,27 @@ class Repository:
 
     # Writing
 
-    def save(self, aggregates: list[SagaAggregate], *, wake: bool = True) -> None:
+    def save(self, aggregates: list[SagaAggregate], *, wake: bool = True, group: bool = False) -> None:
         """Record the aggregates' pending events with their index rows, in one transaction.
 
-        ``wake`` tells this process's workers that there may be work for them.
+        ``group``: a command's save, written together with the other commands of this process that
+        arrive while a transaction is in flight (``commits``); it still returns once durable, and
+        raises only its own error. ``wake`` tells this process's workers that there may be work.
         """
-        self.store.save_sagas(aggregates, [index_entry(a) for a in aggregates])
+        if group:
+            self.commits.save(aggregates)
+        else:
+            self.store.save_sagas(aggregates, [index_entry(a) for a in aggregates])
         if wake:
             self.wake_workers()
+
+    def _write(self, aggregates: list[SagaAggregate]) -> None:
+        # The events stay pending until they are durable: a group that fails is written again,
+        # call by call, from the same aggregates.
+        events = [event for aggregate in aggregates for event in aggregate.pending_events]
+        self.store.events.put(events, index=[index_entry(a) for a in aggregates])
+        for aggregate in aggregates:
+            aggregate.pending_events.clear()
 
     def update(
         self,
@@ -162,6 +178,7 @@ class Repository:
         tries: int = CONFLICT_TRIES,
         outages: int = 0,
         wake: bool = True,
+        group: bool = False,
     ) -> Update[T]:
         """Load the saga, apply ``change`` and save what it recorded; on a conflict, again from a fresh load.
 
@@ -180,7 +197,7 @@ class Repository:
                 return Update(aggregate, result, [])
             events = list(aggregate.pending_events)
             try:
-                self.save([aggregate], wake=wake)
+                self.save([aggregate], wake=wake, group=group)
                 return Update(aggregate, result, events)
             except IntegrityError:
                 continue

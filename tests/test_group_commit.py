@@ -1,0 +1,136 @@
+"""Group commit: commands that arrive while a transaction is in flight share the next one, and each
+caller still gets its own answer (a conflict, a repeat, bad input reach only their caller)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from eventsourcing.persistence import OperationalError
+
+from orchestrator import InvalidInput, Orchestrator, SagaAlreadyStarted, SagaNotFound, SagaState, StorageError
+from orchestrator.repository import Repository
+from tests.test_smoke import Ship
+
+
+class Gate:
+    """Holds the first transaction open until released, so that the calls behind it queue up."""
+
+    def __init__(self, repository: Repository) -> None:
+        self.real = repository._write
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.calls = 0
+        self.fail: BaseException | None = None
+        repository.commits.write = self.write  # type: ignore[method-assign]
+
+    def write(self, aggregates: list[Any]) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            self.entered.set()
+            assert self.release.wait(10)
+        elif self.fail is not None:
+            raise self.fail
+        self.real(aggregates)
+
+
+def in_threads(calls: list[Callable[[], Any]]) -> tuple[list[threading.Thread], list[Any]]:
+    """Run each call in its own thread; what each returned or raised, in order."""
+    results: list[Any] = [None] * len(calls)
+
+    def run(i: int) -> None:
+        try:
+            results[i] = calls[i]()
+        except Exception as error:
+            results[i] = error
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    return threads, results
+
+
+def queued(orch: Orchestrator, count: int) -> None:
+    """Wait until ``count`` calls are queued behind the open transaction."""
+    for _ in range(1000):
+        if len(orch.repository.commits._queue) >= count:
+            return
+        threading.Event().wait(0.005)
+    raise AssertionError(f"only {len(orch.repository.commits._queue)} calls queued")
+
+
+def test_a_burst_behind_an_open_transaction_goes_in_one_more(database_url: str) -> None:
+    """Twenty starts that arrive while one is being written are written together in one transaction."""
+    with Orchestrator(sagas=[Ship], database=database_url) as orch:
+        gate = Gate(orch.repository)
+        first, _ = in_threads([lambda: orch.start(Ship, {"item": "first"}, saga_id="first")])
+        assert gate.entered.wait(5)
+        threads, results = in_threads(
+            [lambda i=i: orch.start(Ship, {"item": f"b{i}"}, saga_id=f"burst-{i}") for i in range(20)]
+        )
+        queued(orch, 20)
+        gate.release.set()
+        for thread in [*first, *threads]:
+            thread.join()
+        assert results == [f"burst-{i}" for i in range(20)]
+        assert gate.calls == 2
+        assert len(orch.list(limit=100)) == 21
+
+
+def test_each_caller_of_a_batch_gets_its_own_answer(database_url: str) -> None:
+    """In one batch: a start that takes an id already used with other input fails alone; two starts of
+    one new id make one saga, the second answered as a repeat; a cancel and a plain start succeed;
+    bad input is refused before it queues. Nothing else is affected."""
+    with Orchestrator(sagas=[Ship], database=database_url) as orch:
+        orch.start(Ship, {"item": "lamp"}, saga_id="taken")
+        orch.start(Ship, {"item": "desk"}, saga_id="to-cancel")
+        gate = Gate(orch.repository)
+        first, _ = in_threads([lambda: orch.start(Ship, {"item": "first"})])
+        assert gate.entered.wait(5)
+        threads, results = in_threads(
+            [
+                lambda: orch.start(Ship, {"item": "other"}, saga_id="taken"),
+                lambda: orch.start(Ship, {"item": "chair"}, saga_id="twice"),
+                lambda: orch.start(Ship, {"item": "chair"}, saga_id="twice"),
+                lambda: orch.cancel("to-cancel", "not needed"),
+                lambda: orch.start(Ship, {"item": "plain"}, saga_id="plain"),
+            ]
+        )
+        queued(orch, 5)
+        with pytest.raises(InvalidInput):
+            orch.start(Ship, {"wrong": 1})
+        gate.release.set()
+        for thread in [*first, *threads]:
+            thread.join()
+        taken, twice, again, cancelled, plain = results
+        assert isinstance(taken, SagaAlreadyStarted)
+        assert (twice, again, cancelled, plain) == ("twice", "twice", None, "plain")
+        assert [e.type for e in orch.history("twice")] == ["SagaStarted"]
+        assert orch.status("taken").state is SagaState.PENDING
+        assert orch.history("to-cancel")[-1].type == "CancelRequested"
+        assert len(orch.list(limit=100)) == 5
+
+
+def test_a_failed_commit_loses_only_the_calls_that_had_not_returned(database_url: str) -> None:
+    """When the shared transaction cannot be written (the database went away), every call of it gets
+    the error and none of its sagas exists; the call that returned before stays durable."""
+    with Orchestrator(sagas=[Ship], database=database_url) as orch:
+        gate = Gate(orch.repository)
+        first, done = in_threads([lambda: orch.start(Ship, {"item": "first"}, saga_id="first")])
+        assert gate.entered.wait(5)
+        gate.fail = OperationalError("server closed the connection unexpectedly")
+        threads, results = in_threads(
+            [lambda i=i: orch.start(Ship, {"item": f"l{i}"}, saga_id=f"lost-{i}") for i in range(5)]
+        )
+        queued(orch, 5)
+        gate.release.set()
+        for thread in [*first, *threads]:
+            thread.join()
+        assert done == ["first"]
+        assert all(isinstance(result, StorageError) for result in results), results
+        assert orch.status("first").state is SagaState.PENDING
+        for i in range(5):
+            with pytest.raises(SagaNotFound):
+                orch.status(f"lost-{i}")
