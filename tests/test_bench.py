@@ -214,3 +214,13 @@ def test_bench_events_compares_triggered_starts_with_direct_ones(backend: str, r
         result["event_starts_per_s"] / result["direct_starts_per_s"], rel=0.02
     )
     assert result["trigger_lag_p99_ms"] >= result["trigger_lag_p50_ms"]
+
+
+def test_bench_starts_from_several_submitters_one_saga_or_a_batch_per_call() -> None:
+    """--submitters and --start-batch reach the load phase: every saga finishes and the JSON line
+    says how they were started; one saga per call is the default."""
+    batched = bench("--backend", "sqlite", "--workers", "1", "--submitters", "3", "--start-batch", "4")
+    assert (batched["submitters"], batched["start_batch"], batched["finished"]) == (3, 4, 20)
+    single = bench("--backend", "sqlite", "--workers", "1")
+    assert (single["submitters"], single["start_batch"], single["finished"]) == (8, 1, 20)
+    assert single["bench_transactions_per_saga"] <= 1

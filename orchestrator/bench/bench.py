@@ -75,8 +75,11 @@ class BenchOptions:
     limit: bool = False
     runs: int = 1
     unloaded_samples: int = 30
-    start_batch: int = 200
-    """Sagas per ``start_many`` transaction in the load phase."""
+    start_batch: int = 1
+    """Sagas per call in the load phase: 1 is one ``start()`` each (as applications start them), more
+    is ``start_many`` of that many."""
+    submitters: int = 8
+    """Threads that start the load phase's sagas at once (their starts share transactions: group commit)."""
     concurrency: int | None = None
     """``SAGA_CONCURRENCY`` of the workers (default: the environment's, else the engine's)."""
     batch_size: int | None = None
@@ -170,6 +173,8 @@ def run_bench(options: BenchOptions, say: Say) -> dict[str, Any]:
         concurrency=options.concurrency or settings.concurrency,
         batch_size=options.batch_size or settings.batch_size,
         poll_interval=settings.poll_interval,
+        submitters=options.submitters if options.workload in WORKLOADS else None,
+        start_batch=options.start_batch if options.workload in WORKLOADS else None,
         runs=runs if len(runs) > 1 else None,
         at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
@@ -241,7 +246,7 @@ def run_sagas(options: BenchOptions, orch: Orchestrator, url: str, say: Say) -> 
         figures["unloaded_rss_mb"] = max(f["peak_rss_mb"] for f in unloaded.stop())
     first = max_event(orch)
     try:
-        load = phases.run_load(orch, workload, options.count, options.start_batch, workers, say)
+        load = phases.run_load(orch, workload, options.count, options.start_batch, options.submitters, workers, say)
     except BaseException:
         if isinstance(workers, WorkerProcesses):
             workers.kill()

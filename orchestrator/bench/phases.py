@@ -116,20 +116,42 @@ class Sender:
         self.pool.shutdown()
 
 
-def run_load(orch: Orchestrator, workload: Workload, sagas: int, batch: int, workers: Workers, say: Say) -> LoadRun:
-    """Start ``sagas`` sagas in batches as fast as possible and wait until every one is terminal."""
-    sender = Sender(orch) if workload.sends else None
+def run_load(
+    orch: Orchestrator, workload: Workload, sagas: int, batch: int, submitters: int, workers: Workers, say: Say
+) -> LoadRun:
+    """Start ``sagas`` sagas from ``submitters`` threads as fast as they can (``batch`` 1: one
+    ``start()`` per saga, as applications do; more: ``start_many`` of that many) and wait until
+    every one is terminal."""
+    sender = Sender(orch, threads=max(4, submitters)) if workload.sends else None
+    commits_before = orch.repository.commits.batches
+    numbers = list(range(sagas))
+    shares = [numbers[k::submitters] for k in range(submitters)]
+    started: list[list[str]] = [[] for _ in range(submitters)]
+    calls = [0] * submitters
+
+    def submit(k: int) -> None:
+        for piece in chunks(len(shares[k]), batch):
+            group = [shares[k][i] for i in piece]
+            if batch == 1:
+                started[k].append(orch.start(workload.saga, {"n": group[0]}))
+            else:
+                started[k] += orch.start_many(workload.saga, [{"n": n} for n in group])
+            calls[k] += 1
+
     began = time.perf_counter()
-    ids: list[str] = []
-    transactions = 0
     try:
-        for numbers in chunks(sagas, batch):
-            ids += orch.start_many(workload.saga, [{"n": n} for n in numbers])
-            transactions += 1
-            if sender is not None:
-                sender.deliver()
+        with ThreadPoolExecutor(max_workers=submitters, thread_name_prefix="bench-submit") as pool:
+            futures = [pool.submit(submit, k) for k in range(submitters)]
+            while not all(f.done() for f in futures):
+                if sender is not None:
+                    sender.deliver()
+                time.sleep(0.01)
+            for future in futures:
+                future.result()
+        ids = [saga_id for share in started for saga_id in share]
+        transactions = orch.repository.commits.batches - commits_before if batch == 1 else sum(calls)
         submit_s = time.perf_counter() - began
-        say(f"  started {len(ids)} sagas in {submit_s:.2f} s ({transactions} transactions)")
+        say(f"  started {len(ids)} sagas in {submit_s:.2f} s from {submitters} threads ({transactions} transactions)")
         statuses = wait_terminal(orch, ids, workers, sender, say, timeout=60 + sagas * 0.1)
     finally:
         if sender is not None:

@@ -135,7 +135,16 @@ def demo(ctx: click.Context, database: str | None, count: int) -> None:
 @click.option("--limit-seconds", type=click.FloatRange(0.1), default=3.0, show_default=True, help="Per probe.")
 @click.option("--runs", type=click.IntRange(1), default=1, show_default=True, help="Fresh databases; medians.")
 @click.option("--unloaded-samples", type=click.IntRange(0), default=30, show_default=True)
-@click.option("--start-batch", type=click.IntRange(1), default=200, show_default=True, help="Sagas per start_many.")
+@click.option(
+    "--start-batch",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Sagas per call: 1 is one start() each, more is start_many.",
+)
+@click.option(
+    "--submitters", type=click.IntRange(1), default=8, show_default=True, help="Threads starting the sagas at once."
+)
 @click.option("--concurrency", type=click.IntRange(1), default=None, help="SAGA_CONCURRENCY of the workers.")
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="SAGA_BATCH_SIZE of the workers.")
 @click.option(
