@@ -2,8 +2,10 @@
 
 For ``ok``, ``compensate`` and ``wait`` each run has two phases on its own database:
 *unloaded* (one worker, one saga at a time: ``unloaded_p50_ms``) and *load* (W workers,
-N sagas started in batches as fast as the bench can: throughput, latency under load,
-transactions and events per saga, worker RSS). ``status`` stores N sagas and times
+N sagas started by K submitter threads, one ``start()`` each unless ``--start-batch`` says
+otherwise: throughput, latency under load, transactions and events per saga, worker RSS).
+``--preload P`` first stores P completed sagas with their histories (the saga and status
+workloads), to measure on a full database. ``status`` stores N sagas and times
 ``status()`` and filtered ``list()`` reads. ``http`` starts N sagas one ``orch.start()`` at a
 time from C threads (the Python API's rate), then N through ``POST /sagas/BenchOk`` of a
 ``saga serve`` subprocess from C clients, then polls ``GET /sagas/{id}`` for a few seconds
@@ -126,8 +128,8 @@ class BenchOptions:
             raise ConfigurationError(f"--database names a PostgreSQL server; --backend {self.backend} makes its own")
         if self.workload == "status" and self.count < 10:
             raise ConfigurationError("the status workload needs --sagas 10 or more")
-        if self.preload and self.workload != "http":
-            raise ConfigurationError("--preload is for --workload http (the status workload stores --sagas itself)")
+        if self.preload and self.workload == "events":
+            raise ConfigurationError("--preload is for the saga, status and http workloads")
         if 0 < self.preload < 10:
             raise ConfigurationError("--preload stores 10 sagas or more (or 0, nothing)")
 
@@ -202,15 +204,20 @@ def sigterm_unwinds() -> Iterator[None]:
 def run_once(options: BenchOptions, url: str, say: Say) -> dict[str, Any]:
     """One run on one fresh database."""
     with app(url) as orch:
+        preloaded: dict[str, Any] = {}
+        if options.preload and options.workload != "http":
+            preloaded["preloaded"] = options.preload
+            preloaded["preload_s"] = phases.preload_finished(orch, options.preload, 500, say)
+            analyze_status(orch)
         if options.workload == "status":
-            return run_status(options, orch, say)
+            return preloaded | run_status(options, orch, say)
         if options.workload == "http":
             return run_http(options, orch, url, say)
         if options.workload == "events":
             return events.run_events(
                 orch, options.count, lambda: start_workers(options, orch, url, options.workers), say
             )
-        return run_sagas(options, orch, url, say)
+        return preloaded | run_sagas(options, orch, url, say)
 
 
 def start_workers(options: BenchOptions, orch: Orchestrator, url: str, count: int) -> Workers:

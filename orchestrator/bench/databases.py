@@ -80,7 +80,7 @@ def drop_schema(url: str) -> None:
 
 
 def analyze_status(orch: Orchestrator) -> bool:
-    """Refresh the planner's statistics of the status table, as autovacuum would have by now.
+    """Refresh the planner's statistics of the index and events tables, as autovacuum would have by now.
 
     Right after a bulk load PostgreSQL has none, and then plans a filtered, ordered page as
     a sort of every matching row (hundreds of ms with 200,000 rows) instead of an index scan.
@@ -89,8 +89,13 @@ def analyze_status(orch: Orchestrator) -> bool:
         return False
     datastore: Any = getattr(orch.store.recorder, "datastore")  # noqa: B009 - not part of the recorder's type
     schema = parse_database_url(orch.database.url).env.get("POSTGRES_SCHEMA")
+    events = getattr(orch.store.recorder, "events_table_name")  # noqa: B009 - as above
     with datastore.transaction(commit=True) as curs:
-        curs.execute(f'ANALYZE "{schema}".saga_status' if orch.database.is_postgres else "ANALYZE saga_status")
+        if orch.database.is_postgres:
+            for table in ("saga_status", "saga_work", events):
+                curs.execute(f'ANALYZE "{schema}"."{table}"')
+        else:
+            curs.execute("ANALYZE")
     return True
 
 

@@ -152,8 +152,8 @@ def demo(ctx: click.Context, database: str | None, count: int) -> None:
     type=click.IntRange(0),
     default=0,
     show_default=True,
-    help="http: store this many sagas first, so the polls read a big table; "
-    "the target measurement is --workload http --backend postgres --preload 200000 (poll p99 <= 10 ms).",
+    help="Store this many sagas first (completed ones with their histories; http: mixed), to measure "
+    "on a full database, e.g. --workload ok --backend postgres --preload 1000000.",
 )
 @click.option("--clients", type=click.IntRange(1), default=8, show_default=True, help="http: concurrent callers.")
 @click.option("--poll-seconds", type=click.FloatRange(0.1), default=5.0, show_default=True, help="http: polling time.")
