@@ -6,6 +6,7 @@ read models reach storage through the repository, never through this object's in
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import os
 import socket
@@ -266,21 +267,57 @@ class Orchestrator(Reads):
         the id and starts nothing; with a different saga or input it raises ``SagaAlreadyStarted``.
         ``notify`` is a URL that gets the final status as a signed JSON POST once the saga ends.
         """
-        saga_class = self.registry.saga_class(saga)
-        aggregate = SagaAggregate.begin(saga_class, input, saga_id, start_at, self.settings.max_input_bytes, notify)
+        aggregate = self._begin(saga, input, saga_id, start_at, notify)
         try:
             with self.repository.translating("starting a saga"):
                 self.repository.save([aggregate], group=True)
-            metrics.SAGAS_STARTED.labels(saga_class.name).inc()
         except IntegrityError:
-            # Either started before, or our own commit landed and its acknowledgement was lost.
-            existing = self._load(aggregate.run.saga_id)
-            if existing.run.saga != saga_class.name or existing.run.input != aggregate.run.input:
-                raise SagaAlreadyStarted(
-                    f"saga id {short(aggregate.run.saga_id)} was already used to start {existing.run.saga}"
-                    " with other input"
-                ) from None
+            self._started_before(aggregate)
+        else:
+            metrics.SAGAS_STARTED.labels(aggregate.run.saga).inc()
         return aggregate.run.saga_id
+
+    async def start_async(
+        self,
+        saga: SagaRef,
+        input: BaseModel | dict[str, Any],
+        *,
+        saga_id: str | None = None,
+        start_at: datetime | None = None,
+        notify: str | None = None,
+    ) -> str:
+        """``start`` for a coroutine (an ASGI handler, an asyncio service): the same answer and errors,
+        but the event loop goes on while the start commits, with every other start, send, cancel and
+        retry of this process that arrives meanwhile (group commit), and no thread is taken per call."""
+        aggregate = self._begin(saga, input, saga_id, start_at, notify)
+        try:
+            with self.repository.translating("starting a saga"):
+                await self.repository.save_async([aggregate])
+        except IntegrityError:
+            await asyncio.to_thread(self._started_before, aggregate)
+        else:
+            metrics.SAGAS_STARTED.labels(aggregate.run.saga).inc()
+        return aggregate.run.saga_id
+
+    def _begin(
+        self,
+        saga: SagaRef,
+        input: BaseModel | dict[str, Any],
+        saga_id: str | None,
+        start_at: datetime | None,
+        notify: str | None,
+    ) -> SagaAggregate:
+        saga_class = self.registry.saga_class(saga)
+        return SagaAggregate.begin(saga_class, input, saga_id, start_at, self.settings.max_input_bytes, notify)
+
+    def _started_before(self, aggregate: SagaAggregate) -> None:
+        """A start's id is taken: fine if by the same start (a repeat, or our own commit whose
+        acknowledgement was lost), else ``SagaAlreadyStarted``."""
+        existing = self._load(aggregate.run.saga_id)
+        if existing.run.saga != aggregate.run.saga or existing.run.input != aggregate.run.input:
+            raise SagaAlreadyStarted(
+                f"saga id {short(aggregate.run.saga_id)} was already used to start {existing.run.saga} with other input"
+            ) from None
 
     def start_many(
         self,
@@ -374,6 +411,19 @@ class Orchestrator(Reads):
             aggregate.retry(utcnow())
 
         self._command(saga_id, retry)
+
+    async def send_async(self, saga_id: str, event: str, data: BaseModel | dict[str, Any] | None = None) -> None:
+        """``send`` for a coroutine: it runs in a worker thread (it reads the saga first), its write
+        grouped with this process's other commands."""
+        await asyncio.to_thread(self.send, saga_id, event, data)
+
+    async def cancel_async(self, saga_id: str, reason: str | None = None, *, compensate: bool = True) -> None:
+        """``cancel`` for a coroutine, as ``send_async``."""
+        await asyncio.to_thread(lambda: self.cancel(saga_id, reason, compensate=compensate))
+
+    async def retry_async(self, saga_id: str) -> None:
+        """``retry`` for a coroutine, as ``send_async``."""
+        await asyncio.to_thread(self.retry, saga_id)
 
     def resolve_compensation(self, saga_id: str, step: str, reason: str | None = None) -> None:
         """Mark the failed compensation of ``step`` as done by hand: the rest of the undo runs.

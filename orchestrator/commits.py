@@ -9,12 +9,18 @@ Each call returns only once its own events are durable, and gets its own answer:
 transaction fails (one saga's events conflict, a start repeats an id already taken, even in the
 same batch), each call of the batch is written again on its own, so the conflict reaches only
 its caller and its neighbours are saved as if they had been alone.
+
+Async callers (``save_async``, the HTTP API's) queue in the same line without a thread of
+their own: when one must lead, the transaction runs in the group's one writer thread, and
+each is answered on its event loop; a batch may mix both kinds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +40,15 @@ class Call:
     """Set (with ``ready``) when this call must lead the next transaction."""
     done: bool = False
     error: BaseException | None = None
+    answer: Callable[[], None] | None = None
+    """An async call's way to be told it is done or must lead (from the writing thread); a thread's
+    call is told through ``ready``."""
+
+    def wake(self) -> None:
+        if self.answer is None:
+            self.ready.set()
+        else:
+            self.answer()
 
 
 class GroupCommit:
@@ -47,6 +62,8 @@ class GroupCommit:
         self._busy = False
         self.batches = 0
         """Transactions written (a call that had to be written alone again counts too)."""
+        self._writer: ThreadPoolExecutor | None = None
+        """Where batches led by an async call are written (made on first use)."""
 
     def save(self, aggregates: list[Any]) -> None:
         """Write ``aggregates`` (with the calls that queue meanwhile); return once durable, or raise
@@ -63,6 +80,43 @@ class GroupCommit:
         if call.error is not None:
             raise call.error
 
+    async def save_async(self, aggregates: list[Any]) -> None:
+        """``save`` for a coroutine: queue ``aggregates`` without blocking the event loop and return
+        once they are durable (raising this call's own error). Cancelling the awaiting task does not
+        take the call back: it is written with its batch, as a thread's call would be."""
+        loop = asyncio.get_running_loop()
+        answered: asyncio.Future[None] = loop.create_future()
+        call = Call(aggregates)
+
+        def answer() -> None:  # in the writing thread: done, or this call's turn to lead
+            if call.done:
+                loop.call_soon_threadsafe(_settle, answered)
+            else:
+                self._write_in_thread()
+
+        call.answer = answer
+        with self._lock:
+            self._queue.append(call)
+            lead = not self._busy
+            self._busy = True
+        if lead:
+            self._write_in_thread()
+        await asyncio.shield(answered)
+        if call.error is not None:
+            raise call.error
+
+    def _write_in_thread(self) -> None:
+        with self._lock:
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(1, thread_name_prefix="group-commit")
+        self._writer.submit(self._lead)
+
+    def close(self) -> None:
+        """Stop the writer thread once its batches are written."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
+
     def _lead(self) -> None:
         with self._lock:
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
@@ -75,10 +129,10 @@ class GroupCommit:
                     self._busy = False
             for call in batch:
                 call.done = True
-                call.ready.set()
+                call.wake()
             if following is not None:
                 following.lead = True
-                following.ready.set()
+                following.wake()
 
     def _write(self, batch: list[Call]) -> None:
         if len(batch) == 1:
@@ -101,6 +155,11 @@ class GroupCommit:
             self.write(call.aggregates)
         except BaseException as error:
             call.error = error
+
+
+def _settle(answered: asyncio.Future[None]) -> None:
+    if not answered.done():
+        answered.set_result(None)
 
 
 def _transient(error: BaseException) -> bool:

@@ -73,6 +73,7 @@ class Repository:
 
     def close(self) -> None:
         """Close the database connections."""
+        self.commits.close()
         with self._lock:
             if self._store is not None:
                 self._store.close()
@@ -159,6 +160,12 @@ class Repository:
             self.commits.save(aggregates)
         else:
             self.store.save_sagas(aggregates, [index_entry(a) for a in aggregates])
+        if wake:
+            self.wake_workers()
+
+    async def save_async(self, aggregates: list[SagaAggregate], *, wake: bool = True) -> None:
+        """``save(aggregates, group=True)`` for a coroutine: the event loop is not blocked."""
+        await self.commits.save_async(aggregates)
         if wake:
             self.wake_workers()
 

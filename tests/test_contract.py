@@ -492,8 +492,13 @@ def test_failing_compensation_fails_the_saga_and_retry_resumes_the_undo(
         saga_id = orch.start(Stuck, trip)
         (failed,) = drain(orch, saga_id)
         failed_history = typed_steps(
-            orch, saga_id, "CompensationStarted", "CompensationSucceeded", "CompensationAttemptFailed",
-            "CompensationFailed", "SagaFailed",
+            orch,
+            saga_id,
+            "CompensationStarted",
+            "CompensationSucceeded",
+            "CompensationAttemptFailed",
+            "CompensationFailed",
+            "SagaFailed",
         )
         calls_when_failed = list(rec.calls)
         with pytest.raises(InvalidTransition):

@@ -3,6 +3,7 @@ caller still gets its own answer (a conflict, a repeat, bad input reach only the
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -134,3 +135,70 @@ def test_a_failed_commit_loses_only_the_calls_that_had_not_returned(database_url
         for i in range(5):
             with pytest.raises(SagaNotFound):
                 orch.status(f"lost-{i}")
+
+
+def test_async_starts_share_the_batch_and_get_their_own_answers(database_url: str) -> None:
+    """start_async calls queue behind an open transaction beside a thread's start and go in one more
+    transaction; a repeat of a taken id with other input fails alone; the event loop is never blocked."""
+
+    async def scenario(orch: Orchestrator, gate: Gate) -> tuple[list[Any], int]:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.005)
+
+        ticking = asyncio.create_task(ticker())
+        results = asyncio.gather(
+            *(orch.start_async(Ship, {"item": f"a{i}"}, saga_id=f"async-{i}") for i in range(5)),
+            orch.start_async(Ship, {"item": "other"}, saga_id="taken"),
+            orch.start_async(Ship, {"item": "lamp"}, saga_id="taken"),
+            return_exceptions=True,
+        )
+        await asyncio.to_thread(queued, orch, 8)  # the five, the two on "taken" and the thread's
+        before = ticks
+        await asyncio.sleep(0.1)
+        assert ticks > before  # the loop ran while the calls waited for the transaction
+        gate.release.set()
+        answers = await results
+        ticking.cancel()
+        return answers, ticks
+
+    with Orchestrator(sagas=[Ship], database=database_url) as orch:
+        orch.start(Ship, {"item": "lamp"}, saga_id="taken")
+        gate = Gate(orch.repository)
+        first, _ = in_threads([lambda: orch.start(Ship, {"item": "first"}, saga_id="first")])
+        assert gate.entered.wait(5)
+        thread, thread_result = in_threads([lambda: orch.start(Ship, {"item": "t"}, saga_id="from-a-thread")])
+        answers, _ = asyncio.run(scenario(orch, gate))
+        for started in [*first, *thread]:
+            started.join()
+        *fresh, other, repeat = answers
+        assert fresh == [f"async-{i}" for i in range(5)]
+        assert isinstance(other, SagaAlreadyStarted)
+        assert repeat == "taken"
+        assert thread_result == ["from-a-thread"]
+        assert gate.calls >= 2
+        assert len(orch.list(limit=100)) == 8
+
+
+def test_start_async_refuses_bad_input_before_anything_is_written(database_url: str) -> None:
+    """start_async validates as start does: bad input raises InvalidInput at once and writes nothing."""
+    with Orchestrator(sagas=[Ship], database=database_url) as orch:
+        with pytest.raises(InvalidInput):
+            asyncio.run(orch.start_async(Ship, {"wrong": 1}))
+        assert orch.list(limit=10) == []
+        assert asyncio.run(orch.start_async(Ship, {"item": "ok"}, saga_id="ok")) == "ok"
+        assert orch.status("ok").state is SagaState.PENDING
+
+
+def test_async_commands_reach_the_saga(database_url: str) -> None:
+    """cancel_async, like cancel, records the request on the saga."""
+    with Orchestrator(sagas=[Ship], database=database_url) as orch:
+        orch.start(Ship, {"item": "desk"}, saga_id="desk")
+        asyncio.run(orch.cancel_async("desk", "not needed"))
+        assert orch.history("desk")[-1].type == "CancelRequested"
+        with pytest.raises(SagaNotFound):
+            asyncio.run(orch.retry_async("nope"))

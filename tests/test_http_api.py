@@ -151,6 +151,59 @@ def test_an_id_with_a_slash_is_addressable(client: TestClient, orch: Orchestrato
     assert orch.status("tenant-7/order-42").state.value in ("compensating", "cancelled")
 
 
+def test_plain_polls_answer_as_the_status_route_does(
+    client: TestClient, orch: Orchestrator, subtests: pytest.Subtests
+) -> None:
+    """A plain poll, answered before FastAPI's routing, gets byte for byte what the status route answers."""
+    done = client.post("/sagas/Ship", json=order()).json()
+    drain(orch, done["saga_id"])
+    pending = client.post("/sagas/Ship", json=order(), headers={"Idempotency-Key": "tenant-7/order 42?"})
+    waiting = client.post("/sagas/Approve", json=order()).headers["location"]
+    orch.run_worker(wait=False, poll_interval=0.01)
+    assert client.get(waiting).json()["state"] == "waiting"
+    for path in [
+        done["status_url"],
+        pending.headers["location"],
+        waiting,
+        "/sagas/nope",
+        "/sagas/",
+        "/sagas/a%2Fb",
+        "/sagas/history",
+    ]:
+        with subtests.test(msg=path):
+            plain, routed = client.get(path), client.get(f"{path}?via=route")  # a query takes the route
+            assert (plain.status_code, plain.headers, plain.content) == (
+                routed.status_code,
+                routed.headers,
+                routed.content,
+            )
+
+
+def test_only_plain_polls_take_the_shortcut() -> None:
+    """GETs of a saga's status with no query and no Prefer take the shortcut; the rest go to the app's routes."""
+    from orchestrator.http.api import _plain_poll
+
+    def scope(method: str, path: str, query: bytes = b"", headers: tuple[tuple[bytes, bytes], ...] = ()) -> Any:
+        return {"type": "http", "method": method, "path": path, "query_string": query, "headers": list(headers)}
+
+    assert _plain_poll(scope("GET", "/sagas/tenant/1")) == "tenant/1"
+    assert _plain_poll(scope("GET", "/sagas/")) == ""
+    for refused in [
+        scope("POST", "/sagas/abc"),
+        scope("HEAD", "/sagas/abc"),
+        scope("GET", "/sagas"),
+        scope("GET", "/sagas/counts"),
+        scope("GET", "/sagas/abc/history"),
+        scope("GET", "/sagas/abc/timeline"),
+        scope("GET", "/sagas/abc", b"at=2024-01-01T00:00:00Z"),
+        scope("GET", "/sagas/abc", headers=((b"prefer", b"wait=5"),)),
+        scope("GET", "/ui/sagas/abc"),
+        {**scope("GET", "/sagas/abc"), "root_path": "/api"},
+        {"type": "websocket", "path": "/sagas/abc", "headers": []},
+    ]:
+        assert _plain_poll(refused) is None, refused
+
+
 def test_event_then_complete(client: TestClient, orch: Orchestrator) -> None:
     """A waiting saga completes after POST /events/{event} (202) and a worker run; a second delivery is 409."""
     saga_id = client.post("/sagas/Approve", json=order()).json()["saga_id"]

@@ -142,6 +142,12 @@ class PostgresIndexRecorder(SqlIndex, PostgresProcessRecorder):
         with self.datastore.transaction(commit=commit) as curs:
             yield curs
 
+    @contextmanager
+    def reading(self) -> Iterator[Cursor]:
+        # The pool's connections are in autocommit mode: a lone SELECT needs no BEGIN and ROLLBACK.
+        with self.datastore.cursor() as cursor:
+            yield cursor
+
     def query(self, name: str, **fragments: str) -> Any:
         return self._compile(QUERIES.named[name], **fragments) if fragments else self.compiled[name]
 
