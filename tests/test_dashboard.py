@@ -451,3 +451,47 @@ def test_the_token_field_appears_only_when_a_token_is_required(tmp_path: Path) -
         TestClient(create_app(orch)) as client,
     ):
         assert not Tags(client.get("/").text).find("input", id="token")
+
+
+def test_the_schedules_page_shows_next_fire_times_last_runs_and_pauses(tmp_path: Path) -> None:
+    """/ui/schedules lists each schedule with when it fires, its next tick, the saga its last tick
+    started (linked, with its state) and a pause with its reason; GET /schedules serves the same rows."""
+    with Orchestrator(sagas=[Expense], database=f"sqlite:///{tmp_path / 's.db'}") as orch:
+        orch.schedule(Expense, schedule_id="weekly", cron="0 9 * * MON", tz="Europe/Paris", input={"employee": "ada"})
+        orch.schedule(Expense, schedule_id="often", every=90, input={"employee": "bob"})
+        started = orch.scheduler.trigger("weekly")
+        orch.scheduler.pause("often", "audit <week>")
+        with TestClient(create_app(orch)) as client:
+            empty_before = client.get("/ui/schedules")
+            page = client.get("/ui/schedules")
+            api = client.get("/schedules").json()
+            partial = client.get("/ui/partials/schedules")
+    assert empty_before.status_code == page.status_code == partial.status_code == 200
+    rows = {a["data-schedule-id"]: a for a in Tags(page.text).find("tr") if "data-schedule-id" in a}
+    assert set(rows) == {"weekly", "often"}
+    weekly = page.text.split('data-schedule-id="weekly"')[1].split("</tr>")[0]
+    assert "0 9 * * MON (Europe/Paris)" in weekly
+    assert f'href="/ui/sagas/{quote(started, safe="")}"' in weekly
+    assert 'class="badge state-pending"' in weekly
+    assert re.search(r'class="muted next-in">in \d', weekly)
+    often = page.text.split('data-schedule-id="often"')[1].split("</tr>")[0]
+    assert "every 90 s (UTC)" in often
+    assert "paused" in often
+    assert "never" in often
+    assert "started" in weekly
+    assert "audit &lt;week&gt;" in often  # the reason is escaped
+    assert 'href="/ui/schedules"' in page.text  # the top bar links to it
+    assert 'hx-get="/ui/partials/schedules"' in partial.text
+    by_id = {row["schedule_id"]: row for row in api}
+    assert by_id["weekly"]["last_saga_id"] == started
+    assert [run["saga_id"] for run in by_id["weekly"]["runs"]] == [started]
+    assert by_id["often"]["paused"] is True
+    assert by_id["often"]["next_fire_at"] is None
+
+
+def test_the_schedules_page_says_how_to_add_one_when_there_is_none(client: TestClient) -> None:
+    """With no schedule the page says so, and how to declare or add one."""
+    page = client.get("/ui/schedules")
+    assert page.status_code == 200
+    assert "No schedules." in page.text
+    assert "saga schedules add" in page.text

@@ -14,6 +14,7 @@ import click
 from orchestrator.readmodels.status import SagaStatus
 from orchestrator.readmodels.timeline import TimelineEntry
 from orchestrator.safety import escape, short
+from orchestrator.schedules.spec import describe
 
 
 def echo(text: str) -> None:
@@ -103,8 +104,6 @@ def schedule_table(rows: Sequence[dict[str, Any]]) -> str:
     """A plain-text table of schedules, one line each."""
     table = [("SCHEDULE ID", "SAGA", "WHEN", "NEXT", "LAST SAGA", "STATE")]
     for row in rows:
-        spec = row["spec"]
-        when = spec.get("cron") or (f"every {spec['every']:g} s" if "every" in spec else f"at {spec.get('at')}")
         state = (
             f"paused: {row['reason']}" if row["paused"] and row["reason"] else "paused" if row["paused"] else "active"
         )
@@ -112,7 +111,7 @@ def schedule_table(rows: Sequence[dict[str, Any]]) -> str:
             (
                 _cell(row["schedule_id"], 50),
                 _cell(row["saga"], 40),
-                _cell(f"{when} ({spec.get('tz', 'UTC')})", 40),
+                _cell(describe(row["spec"]), 40),
                 row["next_fire_at"] or "-",
                 _cell(row["last_saga_id"] or "-", 70),
                 _cell(state, 80),

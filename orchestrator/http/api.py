@@ -276,6 +276,36 @@ def add_api(router: APIRouter, orch: Orchestrator, changes: Changes) -> None:
         """Domain events in the order they were recorded, with what the triggers did with each."""
         return orch.events(name, after=after, limit=limit)
 
+    @router.get("/schedules", response_model=list[ScheduleInfo], responses=responses(), tags=["schedules"])
+    def list_schedules() -> list[ScheduleInfo]:
+        """Every schedule (deleted ones left out) with its definition, next fire time and last run."""
+        return [ScheduleInfo.model_validate(row) for row in orch.scheduler.rows()]
+
+
+class ScheduleRun(BaseModel):
+    """One tick of a schedule: the saga it started, or why it started none."""
+
+    tick: datetime
+    saga_id: str | None = None
+    skipped: str | None = None
+
+
+class ScheduleInfo(BaseModel):
+    """A schedule as its read model keeps it (what ``saga schedules list --json`` prints)."""
+
+    schedule_id: str
+    saga: str
+    spec: dict[str, Any] = Field(description="cron, every or at; tz, input, policies (defaults left out)")
+    paused: bool
+    reason: str | None = Field(description="Why it was paused")
+    declared: bool = Field(description="Declared in code next to the saga (not created at run time)")
+    next_fire_at: datetime | None = Field(description="The next tick; none while paused or after the last")
+    buffered: datetime | None = Field(description="A tick held back until the previous run ends (overlap buffer_one)")
+    last_tick: datetime | None
+    last_saga_id: str | None = Field(description="The saga the last tick started")
+    runs: list[ScheduleRun] = Field(description="The last ten ticks dealt with, oldest first")
+    version: int
+
 
 class Emitted(BaseModel):
     """The answer to an emitted domain event: its id (a repeat of the same ``Idempotency-Key`` records nothing)."""

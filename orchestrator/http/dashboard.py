@@ -6,8 +6,9 @@ bearer token the operator typed, which stays in the tab's ``sessionStorage``: ne
 a cookie or a page. Every asset is served from this package, so the dashboard works offline.
 
 Routes (none in the OpenAPI document): ``/`` (counts and the saga list, filtered and paged by
-its query string), ``/ui/sagas/{id}`` (one saga: status, timeline, history, actions), the
-partials htmx polls (``/ui/partials/...``) and ``/static/{name}``.
+its query string), ``/ui/sagas/{id}`` (one saga: status, timeline, history, actions),
+``/ui/schedules`` (every schedule with its next fire time and last runs), the partials htmx
+polls (``/ui/partials/...``) and ``/static/{name}``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from orchestrator.http.problems import ERRORS
 from orchestrator.readmodels.history import HistoryEvent
 from orchestrator.readmodels.status import SagaStatus
 from orchestrator.readmodels.timeline import TimelineEntry
+from orchestrator.schedules import describe
 from orchestrator.states import SagaState, StepState
 
 HERE = Path(__file__).parent
@@ -65,6 +67,8 @@ ACTIVE = (SagaState.PENDING, SagaState.RUNNING, SagaState.WAITING, SagaState.COM
 STEERABLE = (SagaState.PENDING, SagaState.RUNNING, SagaState.WAITING)
 """States in which a saga can be cancelled and sent events."""
 FAST_POLL, SLOW_POLL = "2s", "10s"
+RECENT_RUNS = 3
+"""Ticks the schedules page shows per schedule, newest first."""
 """How often the list refreshes while some saga is unfinished, and when none is."""
 
 
@@ -217,6 +221,36 @@ def when(moment: datetime | None) -> str:
     if moment is None:
         return ""
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC"
+
+
+def until(moment: datetime, now: datetime) -> str:
+    """How far ahead: ``in 3 h 05 min``; ``due`` once it has passed (a worker fires it on its next round)."""
+    seconds = (moment - now).total_seconds()
+    return f"in {duration(seconds)}" if seconds > 0 else "due"
+
+
+def schedule_view(row: dict[str, Any], last: SagaStatus | None, now: datetime) -> dict[str, Any]:
+    """What the schedules page shows of one schedule's read-model row (and of the saga it last started)."""
+    upcoming = datetime.fromisoformat(row["next_fire_at"]) if row["next_fire_at"] else None
+    recent = [
+        {"skipped": None, **run, "tick": datetime.fromisoformat(run["tick"])}
+        for run in reversed(row["runs"][-RECENT_RUNS:])
+    ]
+    spec = row["spec"]
+    return {
+        "schedule_id": row["schedule_id"],
+        "saga": row["saga"],
+        "when": describe(spec),
+        "policies": f"catch-up {spec.get('catch_up', 'skip')}, overlap {spec.get('overlap', 'skip')}",
+        "next": upcoming,
+        "until": until(upcoming, now) if upcoming else "",
+        "recent": recent,
+        "last_saga_id": row["last_saga_id"],
+        "last_state": last.state.value if last else None,
+        "paused": row["paused"],
+        "reason": row["reason"],
+        "declared": row["declared"],
+    }
 
 
 def cancel_question(saga_id: str, undo: list[str], running: list[str]) -> str:
@@ -407,6 +441,33 @@ def dashboard_router(orch: Orchestrator) -> APIRouter:
         # The actions panel is re-rendered (out of band) only when the state changed, so that
         # what the operator is typing there survives the refreshes.
         return render("_live.html", oob=False, oob_actions=actions_for != context["status"].state.value, **context)
+
+    def schedules_context() -> dict[str, Any]:
+        now = datetime.now(UTC)
+        views = []
+        for row in orch.scheduler.rows():
+            last = None
+            if row["last_saga_id"]:
+                try:
+                    last = orch.status(row["last_saga_id"])
+                except SagaNotFound:  # purged since by retention
+                    last = None
+            views.append(schedule_view(row, last, now))
+        return {"schedules": views, "poll": SLOW_POLL}
+
+    @router.get("/ui/schedules", response_class=HTMLResponse)
+    def schedules_page() -> Response:
+        try:
+            return render("schedules.html", **schedules_context())
+        except OrchestratorError as error:
+            return failure(error)
+
+    @router.get("/ui/partials/schedules", response_class=HTMLResponse)
+    def schedules_partial() -> Response:
+        try:
+            return render("_schedules.html", **schedules_context())
+        except OrchestratorError as error:
+            return failure(error)
 
     @router.get("/static/{name}")
     def static(name: str) -> Response:

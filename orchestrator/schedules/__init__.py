@@ -2,6 +2,6 @@
 
 from orchestrator.errors import ScheduleNotFound
 from orchestrator.schedules.service import ROWS, Scheduler
-from orchestrator.schedules.spec import ScheduleSpec, build, cron, every, once
+from orchestrator.schedules.spec import ScheduleSpec, build, cron, describe, every, once
 
-__all__ = ["ROWS", "ScheduleNotFound", "ScheduleSpec", "Scheduler", "build", "cron", "every", "once"]
+__all__ = ["ROWS", "ScheduleNotFound", "ScheduleSpec", "Scheduler", "build", "cron", "describe", "every", "once"]

@@ -209,3 +209,14 @@ def _input(value: Any, error: type[Exception]) -> dict[str, Any]:
 def utc(moment: datetime) -> str:
     """A tick as it appears in saga ids: UTC, ISO 8601."""
     return moment.astimezone(UTC).isoformat()
+
+
+def describe(spec: dict[str, Any]) -> str:
+    """When a schedule fires, from its row's ``spec``: ``0 9 * * 1-5 (Europe/Paris)``, ``every 30 s (UTC)``."""
+    if spec.get("cron"):
+        when = str(spec["cron"])
+    elif spec.get("every") is not None:
+        when = f"every {float(spec['every']):g} s"
+    else:
+        when = f"at {spec.get('at')}"
+    return f"{when} ({spec.get('tz', 'UTC')})"
