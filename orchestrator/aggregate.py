@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -36,8 +37,10 @@ JITTER = random.Random()
 """Draws the jitter of retry delays (seeding a generator per decision costs more than the decision)."""
 
 
+@functools.lru_cache(maxsize=16_384)
 def aggregate_id(saga_id: str) -> UUID:
-    """The aggregate id of a saga id: deterministic, so a repeated start collides."""
+    """The aggregate id of a saga id: deterministic, so a repeated start collides. Cached: every
+    status read and command computes it, polls of one saga again and again (a SHA-1 each)."""
     return uuid5(NAMESPACE_URL, f"sagaworks:saga:{saga_id}")
 
 

@@ -120,7 +120,8 @@ def check_saga_id(saga_id: Any) -> str:
         raise InvalidInput(
             f"a saga id has at most {MAX_SAGA_ID_LENGTH} characters; {short(saga_id)} has {len(saga_id):,}"
         )
-    if any(unicodedata.category(c) in ("Cc", "Cs") for c in saga_id):
+    # isprintable() is false for every control character (and for some allowed ones): the quick check.
+    if not saga_id.isprintable() and any(unicodedata.category(c) in ("Cc", "Cs") for c in saga_id):
         raise InvalidInput(f"a saga id must not contain control characters: {short(saga_id)}")
     return saga_id
 
