@@ -49,12 +49,18 @@ class TriggerProcessor:
     """Follows the log's domain events (and sagas' ends) and starts the sagas they trigger (a ``Follower``)."""
 
     name: ClassVar[str] = "triggers"
-    events: ClassVar[list[str]] = ["DomainEventRecorded", "DomainEventEmitted", *ENDS]
 
     def __init__(self, registry: Registry, repository: Repository, max_bytes: int) -> None:
         self.registry = registry
         self.repository = repository
         self.max_bytes = max_bytes
+
+    @property
+    def events(self) -> list[str]:
+        """Domain events; and sagas' ends only while some trigger starts a saga on one (chaining):
+        otherwise every saga's end would be read, with its history, for nothing."""
+        wanted = ["DomainEventRecorded", "DomainEventEmitted"]
+        return [*wanted, *ENDS] if SagaEnded.event_name in self.triggers() else wanted
 
     def triggers(self) -> dict[str, list[tuple[type[Saga[Any]], Trigger]]]:
         """Event name -> the sagas it starts, with their triggers."""

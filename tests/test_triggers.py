@@ -257,3 +257,12 @@ def test_long_event_ids_that_share_a_prefix_start_two_sagas(database_url: str) -
         started = [s.saga_id for s in orch.list(saga="ExpenseApproval")]
         assert len(set(started)) == 2
         assert all(len(saga_id) <= 200 for saga_id in started)
+
+
+def test_sagas_ends_are_read_only_while_a_trigger_starts_a_saga_on_one() -> None:
+    """Without a trigger on SagaEnded the processor follows domain events alone (every saga's end
+    would otherwise be read, with its history, for nothing); with one it follows the ends too."""
+    alone = Orchestrator(sagas=[ExpenseApproval], database="memory://").trigger_processor
+    chained = Orchestrator(sagas=[ExpenseApproval, Archive], database="memory://").trigger_processor
+    assert alone.events == ["DomainEventRecorded", "DomainEventEmitted"]
+    assert {"SagaCompleted", "SagaCompensated", "SagaCancelled", "SagaFailed"} <= set(chained.events)
