@@ -21,6 +21,7 @@ import asyncio
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,7 +91,8 @@ class GroupCommit:
 
         def answer() -> None:  # in the writing thread: done, or this call's turn to lead
             if call.done:
-                loop.call_soon_threadsafe(_settle, answered)
+                with suppress(RuntimeError):  # the loop has closed: nobody awaits the answer any more
+                    loop.call_soon_threadsafe(_settle, answered)
             else:
                 self._write_in_thread()
 
@@ -109,13 +111,15 @@ class GroupCommit:
         with self._lock:
             if self._writer is None:
                 self._writer = ThreadPoolExecutor(1, thread_name_prefix="group-commit")
-        self._writer.submit(self._lead)
+            writer = self._writer
+        writer.submit(self._lead)
 
     def close(self) -> None:
         """Stop the writer thread once its batches are written."""
-        if self._writer is not None:
-            self._writer.shutdown(wait=True)
-            self._writer = None
+        with self._lock:
+            writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.shutdown(wait=True)
 
     def _lead(self) -> None:
         with self._lock:

@@ -202,3 +202,27 @@ def test_async_commands_reach_the_saga(database_url: str) -> None:
         assert orch.history("desk")[-1].type == "CancelRequested"
         with pytest.raises(SagaNotFound):
             asyncio.run(orch.retry_async("nope"))
+
+
+def test_an_async_call_whose_loop_has_closed_does_not_strand_the_others(database_url: str) -> None:
+    """A start_async whose event loop is gone before its batch commits is still written, and the
+    thread callers in the same batch get their answers (the writer thread does not fail on it)."""
+
+    with Orchestrator(sagas=[Ship], database=database_url) as orch:
+        gate = Gate(orch.repository)
+        first, _ = in_threads([lambda: orch.start(Ship, {"item": "first"}, saga_id="first")])
+        assert gate.entered.wait(5)
+
+        async def abandon() -> None:
+            task = asyncio.ensure_future(orch.start_async(Ship, {"item": "gone"}, saga_id="abandoned"))
+            await asyncio.to_thread(queued, orch, 1)
+            task.cancel()
+
+        asyncio.run(abandon())  # the loop closes with the call still queued
+        threads, results = in_threads([lambda: orch.start(Ship, {"item": "t"}, saga_id="after")])
+        queued(orch, 2)
+        gate.release.set()
+        for thread in [*first, *threads]:
+            thread.join(10)
+        assert results == ["after"]
+        assert orch.status("abandoned").state is SagaState.PENDING
