@@ -300,7 +300,7 @@ class ScheduleInfo(BaseModel):
     reason: str | None = Field(description="Why it was paused")
     declared: bool = Field(description="Declared in code next to the saga (not created at run time)")
     next_fire_at: datetime | None = Field(description="The next tick; none while paused or after the last")
-    buffered: datetime | None = Field(description="A tick held back until the previous run ends (overlap buffer_one)")
+    buffered: datetime | None = Field(description="A tick held back until the previous run ends (overlap 'buffer')")
     last_tick: datetime | None
     last_saga_id: str | None = Field(description="The saga the last tick started")
     runs: list[ScheduleRun] = Field(description="The last ten ticks dealt with, oldest first")
