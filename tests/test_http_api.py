@@ -181,7 +181,7 @@ def test_plain_polls_answer_as_the_status_route_does(
 
 def test_only_plain_polls_take_the_shortcut() -> None:
     """GETs of a saga's status with no query and no Prefer take the shortcut; the rest go to the app's routes."""
-    from orchestrator.http.api import _plain_poll
+    from orchestrator.http.polls import _plain_poll
 
     def scope(method: str, path: str, query: bytes = b"", headers: tuple[tuple[bytes, bytes], ...] = ()) -> Any:
         return {"type": "http", "method": method, "path": path, "query_string": query, "headers": list(headers)}

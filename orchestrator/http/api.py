@@ -9,17 +9,25 @@ from datetime import datetime
 from typing import Annotated, Any
 from urllib.parse import quote, urlencode
 
-import orjson
 from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator.client import Orchestrator
 from orchestrator.definition import Saga
 from orchestrator.domain import DomainEvent, EventInfo
-from orchestrator.errors import InvalidInput, OrchestratorError, UnknownEvent, UnknownSaga
-from orchestrator.http.problems import engine_error, responses
-from orchestrator.http.security import ASGIApp, Receive, Scope, Send, token_matches, unauthorized
+from orchestrator.errors import UnknownEvent, UnknownSaga
+from orchestrator.http.models import (
+    CancelRequest,
+    Counts,
+    Emitted,
+    SagaList,
+    ScheduleInfo,
+    Started,
+    parse_search,
+    started,
+)
+from orchestrator.http.problems import responses
+from orchestrator.http.security import token_matches, unauthorized
 from orchestrator.http.watch import Changes
 from orchestrator.readmodels.history import HistoryEvent
 from orchestrator.readmodels.status import SagaStatus
@@ -30,79 +38,6 @@ RETRY_AFTER = "1"
 """Seconds a poller is told to wait before asking again about a saga that is not finished."""
 MAX_WAIT = 60
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait=(\d+)")
-
-
-class Started(BaseModel):
-    """The answer to a start: the saga's id and where to poll it, send it events, cancel and retry it."""
-
-    saga_id: str
-    saga: str
-    status_url: str
-    events_url: str
-    """A template: put the event's name in place of ``{event}``."""
-    cancel_url: str
-    retry_url: str
-    history_url: str
-    timeline_url: str
-
-
-class SagaList(BaseModel):
-    """A page of sagas and, if there are more, the cursor and URL of the next page."""
-
-    items: list[SagaStatus]
-    next_cursor: str | None = None
-    next: str | None = None
-
-
-class Counts(BaseModel):
-    """How many sagas there are, by saga name and state."""
-
-    counts: dict[str, dict[str, int]]
-    total: int
-
-
-class CancelRequest(BaseModel):
-    """What a cancel asks for."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    reason: str | None = Field(default=None, max_length=2000)
-    compensate: bool = True
-    """``false`` ends the saga where it stands, running nothing more (the way out of ``failed``)."""
-
-
-def saga_url(saga_id: str, *rest: str) -> str:
-    """The URL path of a saga (the id percent-encoded), or of one of its resources."""
-    return "/".join([f"/sagas/{quote(saga_id, safe='')}", *rest])
-
-
-def started(saga: str, saga_id: str) -> Started:
-    url = saga_url(saga_id)
-    return Started(
-        saga_id=saga_id,
-        saga=saga,
-        status_url=url,
-        events_url=f"{url}/events/{{event}}",
-        cancel_url=f"{url}/cancel",
-        retry_url=f"{url}/retry",
-        history_url=f"{url}/history",
-        timeline_url=f"{url}/timeline",
-    )
-
-
-def parse_search(items: list[str]) -> dict[str, Any]:
-    """``field:value`` pairs; a value that reads as a JSON number or boolean is one, else it is text."""
-    search: dict[str, Any] = {}
-    for item in items:
-        name, sep, raw = item.partition(":")
-        if not sep:
-            raise InvalidInput(f"search takes field:value, not {item[:60]!r}")
-        try:
-            value = orjson.loads(raw)
-            search[name] = value if isinstance(value, bool | int | float) else raw
-        except orjson.JSONDecodeError:
-            search[name] = raw
-    return search
 
 
 def add_api(router: APIRouter, orch: Orchestrator, changes: Changes) -> None:
@@ -196,7 +131,7 @@ def add_api(router: APIRouter, orch: Orchestrator, changes: Changes) -> None:
         """
         if at is not None:
             then = await run_in_threadpool(orch.status_at, saga_id, at)
-            return _status_response(then, final=True)
+            return status_response(then, final=True)
         status = await run_in_threadpool(orch.status, saga_id)
         wait = _prefer_wait(prefer)
         if wait and not status.state.terminal:
@@ -207,7 +142,7 @@ def add_api(router: APIRouter, orch: Orchestrator, changes: Changes) -> None:
 
             final = await changes.until(ended, wait)
             status = final if final is not None else await run_in_threadpool(orch.status, saga_id)
-        response = _status_response(status, final=status.state.terminal)
+        response = status_response(status, final=status.state.terminal)
         if wait:
             response.headers["Preference-Applied"] = f"wait={wait}"
         return response
@@ -224,7 +159,7 @@ def add_api(router: APIRouter, orch: Orchestrator, changes: Changes) -> None:
         if (refused := guard(request)) is not None:
             return refused
         orch.send(saga_id, event, data or {})
-        return _status_response(orch.status(saga_id), final=False, code=202)
+        return status_response(orch.status(saga_id), final=False, code=202)
 
     @router.post(
         "/sagas/{saga_id:path}/cancel",
@@ -239,7 +174,7 @@ def add_api(router: APIRouter, orch: Orchestrator, changes: Changes) -> None:
             return refused
         body = body or CancelRequest()
         orch.cancel(saga_id, body.reason, compensate=body.compensate)
-        return _status_response(orch.status(saga_id), final=False, code=202)
+        return status_response(orch.status(saga_id), final=False, code=202)
 
     @router.post(
         "/sagas/{saga_id:path}/retry",
@@ -253,7 +188,7 @@ def add_api(router: APIRouter, orch: Orchestrator, changes: Changes) -> None:
         if (refused := guard(request)) is not None:
             return refused
         orch.retry(saga_id)
-        return _status_response(orch.status(saga_id), final=False, code=202)
+        return status_response(orch.status(saga_id), final=False, code=202)
 
     for event_type in orch.event_types.values():
         _add_emit(router, orch, event_type, guard)
@@ -280,38 +215,6 @@ def add_api(router: APIRouter, orch: Orchestrator, changes: Changes) -> None:
     def list_schedules() -> list[ScheduleInfo]:
         """Every schedule (deleted ones left out) with its definition, next fire time and last run."""
         return [ScheduleInfo.model_validate(row) for row in orch.scheduler.rows()]
-
-
-class ScheduleRun(BaseModel):
-    """One tick of a schedule: the saga it started, or why it started none."""
-
-    tick: datetime
-    saga_id: str | None = None
-    skipped: str | None = None
-
-
-class ScheduleInfo(BaseModel):
-    """A schedule as its read model keeps it (what ``saga schedules list --json`` prints)."""
-
-    schedule_id: str
-    saga: str
-    spec: dict[str, Any] = Field(description="cron, every or at; tz, input, policies (defaults left out)")
-    paused: bool
-    reason: str | None = Field(description="Why it was paused")
-    declared: bool = Field(description="Declared in code next to the saga (not created at run time)")
-    next_fire_at: datetime | None = Field(description="The next tick; none while paused or after the last")
-    buffered: datetime | None = Field(description="A tick held back until the previous run ends (overlap 'buffer')")
-    last_tick: datetime | None
-    last_saga_id: str | None = Field(description="The saga the last tick started")
-    runs: list[ScheduleRun] = Field(description="The last ten ticks dealt with, oldest first")
-    version: int
-
-
-class Emitted(BaseModel):
-    """The answer to an emitted domain event: its id (a repeat of the same ``Idempotency-Key`` records nothing)."""
-
-    event_id: str
-    name: str
 
 
 def _add_emit(router: APIRouter, orch: Orchestrator, event_type: type[DomainEvent], guard: Any) -> None:
@@ -403,52 +306,12 @@ def _add_start(router: APIRouter, orch: Orchestrator, saga: type[Saga[Any]], gua
     )
 
 
-class StatusPolls:
-    """ASGI middleware for the API's hottest request, a plain poll: ``GET /sagas/{id}`` with no query
-    and no ``Prefer``. It answers as the ``get_status`` route does, without FastAPI's routing and
-    parameter solving (some 80 µs, a sixth of such a poll's CPU); every other request passes on."""
-
-    def __init__(self, app: ASGIApp, orch: Orchestrator) -> None:
-        self.app = app
-        self.orch = orch
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        saga_id = _plain_poll(scope)
-        if saga_id is None:
-            await self.app(scope, receive, send)
-            return
-        response: Response
-        try:
-            # In a worker thread, as the route reads it: on the event loop the read's round trips would
-            # hold up every other request (tried: fewer polls per second and a worse p99).
-            status = await run_in_threadpool(self.orch.status, saga_id)
-        except OrchestratorError as error:  # what the app's handler for these answers
-            response = await engine_error(Request(scope, receive), error)
-        else:
-            response = _status_response(status, final=status.state.terminal)
-        await response(scope, receive, send)
-
-
-def _plain_poll(scope: Scope) -> str | None:
-    """The saga id when the app would route the request to ``get_status`` with no ``at`` and no
-    ``Prefer``, else ``None`` (when in doubt: the app then routes it itself)."""
-    if scope["type"] != "http" or scope["method"] != "GET" or scope.get("query_string") or scope.get("root_path"):
-        return None
-    path: str = scope["path"]
-    # The routes matched before get_status's /sagas/{saga_id:path}: the counts, a history, a timeline.
-    if not path.startswith("/sagas/") or path == "/sagas/counts" or path.endswith(("/history", "/timeline")):
-        return None
-    if any(name.lower() == b"prefer" for name, _ in scope["headers"]):
-        return None
-    return path.removeprefix("/sagas/")
-
-
 def _prefer_wait(prefer: str | None) -> int:
     found = _PREFER_WAIT.search(prefer or "")
     return min(int(found.group(1)), MAX_WAIT) if found else 0
 
 
-def _status_response(status: SagaStatus, *, final: bool, code: int | None = None) -> Response:
+def status_response(status: SagaStatus, *, final: bool, code: int | None = None) -> Response:
     done = status.state.terminal
     response = Response(
         status.model_dump_json(), status_code=code or (200 if done or final else 202), media_type="application/json"

@@ -16,7 +16,8 @@ from starlette.exceptions import HTTPException
 
 from orchestrator.client import Orchestrator
 from orchestrator.errors import OrchestratorError
-from orchestrator.http.api import StatusPolls, add_api
+from orchestrator.http.api import add_api
+from orchestrator.http.polls import StatusPolls
 from orchestrator.http.problems import engine_error, http_error, problem_media_type, validation_error
 from orchestrator.http.security import (
     ASGIApp,
