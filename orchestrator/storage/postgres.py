@@ -20,8 +20,9 @@ from psycopg.sql import SQL, Composable, Composed, Identifier
 
 from orchestrator.errors import StorageError, StorageUnavailable
 from orchestrator.safety import redact_in
+from orchestrator.storage.named import Cursor, Queries, statements
 from orchestrator.storage.ports import APPLICATION_NAME, Claim, IndexEntry, ThreadWaker, Waker
-from orchestrator.storage.sql import Cursor, Queries, SqlIndex, statements
+from orchestrator.storage.sql import SqlIndex
 
 QUERIES = Queries.load("postgres")
 

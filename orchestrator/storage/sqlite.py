@@ -14,8 +14,9 @@ import orjson
 from eventsourcing.persistence import IntegrityError, OperationalError, StoredEvent, Tracking
 from eventsourcing.sqlite import SQLiteCursor, SQLiteProcessRecorder
 
+from orchestrator.storage.named import Cursor, Queries, statements
 from orchestrator.storage.ports import APPLICATION_NAME, Claim, IndexEntry, ThreadWaker, Waker
-from orchestrator.storage.sql import Cursor, Queries, SqlIndex, statements
+from orchestrator.storage.sql import SqlIndex
 
 QUERIES = Queries.load("sqlite")
 
