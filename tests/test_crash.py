@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import Orchestrator, SagaState, Settings
+from orchestrator import Orchestrator, SagaNotFound, SagaState, Settings
 from tests.crash_app import SlowMiddle, ThreeSteps
 
 pytestmark = pytest.mark.slow
@@ -244,3 +244,34 @@ def test_triggered_sagas_start_once_when_a_worker_is_killed_mid_processing(durab
         stop(survivor)
         if victim.poll() is None:
             victim.kill()
+
+
+def test_a_process_killed_during_group_commits_keeps_every_start_that_returned(
+    durable_url: str, tmp_path: Path
+) -> None:
+    """SIGKILL of a process whose 8 threads start sagas one start() each (calls queued behind an
+    open transaction): every start that returned is durable; at most the calls in flight are lost."""
+    Orchestrator(sagas=[ThreeSteps], database=durable_url).open().close()  # the schema, before the starter
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    starter = subprocess.Popen(
+        [sys.executable, "-m", "tests.starter_app", durable_url], stdout=subprocess.PIPE, env=env
+    )
+    assert starter.stdout is not None
+    returned: list[str] = []
+    while len(returned) < 300:  # well into the burst: batches are being written
+        line = starter.stdout.readline()
+        assert line, "the starter exited early"
+        returned.append(line.decode().strip())
+    starter.send_signal(signal.SIGKILL)
+    returned += [line.decode().strip() for line in starter.stdout.read().splitlines()]
+    starter.wait(10)
+    starter.stdout.close()
+    missing = []
+    with Orchestrator(sagas=[ThreeSteps], database=durable_url) as orch:
+        for saga_id in returned:
+            try:
+                assert orch.status(saga_id).state is SagaState.PENDING
+            except SagaNotFound:
+                missing.append(saga_id)
+    assert missing == []
+    assert len(returned) >= 300
