@@ -1,5 +1,6 @@
 """What an ``Orchestrator`` does to sagas: start them (one, many, or from a coroutine), deliver events
-to them, cancel, retry and resolve them; each a group-committed save (``commits.py``)."""
+to them, cancel, retry and resolve them. Each is a save shared with the concurrent commands of the
+process (group commit, ``commits.py``), but ``start_many``, one transaction of its own."""
 
 from __future__ import annotations
 
