@@ -258,3 +258,36 @@ def test_operator_filters_opens_a_saga_and_cancels_it(served: Served, tmp_path: 
     if os.environ.get("SAGA_UPDATE_DOCS") == "1":
         DOCS_SHOT.parent.mkdir(exist_ok=True)
         shutil.copyfile(tmp_path / "dashboard.png", DOCS_SHOT)
+
+
+def test_operator_finds_a_schedule_and_the_saga_its_last_tick_started(served: Served, tmp_path: Path) -> None:
+    """In Chromium: the top bar's Schedules link shows each schedule with when it fires, its next tick
+    and its last run; the last saga's link opens that saga's page; screenshot kept as an artefact."""
+    from playwright.sync_api import expect, sync_playwright
+
+    orch = served.orch
+    orch.schedule(SendReceipt, schedule_id="daily-receipt", cron="0 9 * * *", tz="Europe/Paris", input={"text": "hi"})
+    orch.schedule(SendReceipt, schedule_id="paused-one", every=3600, input={"text": "later"})
+    orch.scheduler.pause("paused-one", "holiday")
+    fired = orch.scheduler.trigger("daily-receipt")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1360, "height": 700})
+            page.set_default_timeout(8000)
+            page.goto(served.url + "/")
+            page.click("text=Schedules")
+            daily = page.locator('tr[data-schedule-id="daily-receipt"]')
+            expect(daily).to_contain_text("0 9 * * * (Europe/Paris)")
+            expect(daily).to_contain_text("started")
+            expect(page.locator('tr[data-schedule-id="paused-one"]')).to_contain_text("holiday")
+            page.screenshot(path=tmp_path / "schedules.png", full_page=True)
+            daily.locator("td.id a").click()
+            expect(page.locator(".saga-id")).to_have_text(fired)
+        finally:
+            browser.close()
+    assert (tmp_path / "schedules.png").read_bytes().startswith(b"\x89PNG")
+    artefacts = os.environ.get("SAGA_ARTEFACTS")
+    if artefacts:
+        Path(artefacts).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tmp_path / "schedules.png", Path(artefacts) / "schedules.png")
