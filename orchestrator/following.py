@@ -63,6 +63,13 @@ class Change:
         return self.event.originator_id
 
     @cached_property
+    def started(self) -> ev.SagaStarted | None:
+        """The saga's first event (its start: name, input, notify URL), decoded alone; ``None`` if the
+        history does not begin with it. Far cheaper than ``run`` when that is all a follower needs."""
+        first: Any = self.mapper.to_domain_event(self.history[0]) if self.history else None
+        return first if isinstance(first, ev.SagaStarted) else None
+
+    @cached_property
     def run(self) -> SagaRun:
         """The saga's state right after this event (folded from its history)."""
         aggregate: Any = None
