@@ -21,6 +21,7 @@ from eventsourcing.utils import get_topic, register_topic
 from pydantic import BaseModel, ConfigDict
 
 from orchestrator.errors import DefinitionError
+from orchestrator.events.base import ModelEvent
 from orchestrator.limits import Limits
 from orchestrator.safety import short
 from orchestrator.steps import is_name
@@ -54,15 +55,10 @@ class SagaEnded(DomainEvent):
     error: str | None = None
 
 
-class DomainEventRecorded(BaseModel, CanInitAggregate[UUID]):
-    """A domain event was recorded by ``orch.emit`` (the record's one and only event)."""
+class DomainEventRecorded(ModelEvent, CanInitAggregate[UUID]):
+    """A domain event was recorded by ``orch.emit`` (the record's one and only event); stored under
+    ``sagaworks.DomainEventRecorded.v1``."""
 
-    model_config = ConfigDict(frozen=True)
-    topic: ClassVar[str] = "sagaworks.DomainEventRecorded.v1"
-
-    originator_id: UUID
-    originator_version: int
-    timestamp: datetime
     originator_topic: str
     event_id: str
     name: str
@@ -70,9 +66,6 @@ class DomainEventRecorded(BaseModel, CanInitAggregate[UUID]):
 
     def apply(self, aggregate: Any) -> None:
         aggregate.name, aggregate.data, aggregate.event_id = self.name, self.data, self.event_id
-
-
-register_topic(DomainEventRecorded.topic, DomainEventRecorded)
 
 
 class DomainEventRecord(BaseAggregate[UUID]):

@@ -13,11 +13,15 @@ from pydantic import BaseModel, ConfigDict
 from orchestrator.machine import SagaRun
 
 
-class SagaEvent(BaseModel, CanMutateAggregate[UUID]):
-    """Base of every saga event."""
+class ModelEvent(BaseModel, CanMutateAggregate[UUID]):
+    """An event the library stores as a frozen pydantic model: the originator's id, version and time,
+    and an explicit topic, ``sagaworks.<Name>.v1``, registered for every concrete class (a family's
+    base, which sets ``family = True`` in its own body, is left unregistered). The base of saga
+    events, schedule events and domain-event records alike."""
 
     model_config = ConfigDict(frozen=True)
     topic: ClassVar[str] = ""
+    family: ClassVar[bool] = False
 
     originator_id: UUID
     originator_version: int
@@ -25,8 +29,16 @@ class SagaEvent(BaseModel, CanMutateAggregate[UUID]):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("family"):
+            return
         cls.topic = f"sagaworks.{cls.__name__}.v1"
         register_topic(cls.topic, cls)
+
+
+class SagaEvent(ModelEvent):
+    """Base of every saga event."""
+
+    family: ClassVar[bool] = True
 
     def apply(self, aggregate: Any) -> None:
         run: SagaRun = aggregate.run

@@ -7,10 +7,10 @@ from datetime import datetime
 from typing import Any, ClassVar
 from uuid import NAMESPACE_URL, UUID, uuid5
 
-from eventsourcing.domain import BaseAggregate, CanInitAggregate, CanMutateAggregate
+from eventsourcing.domain import BaseAggregate, CanInitAggregate
 from eventsourcing.utils import register_topic
-from pydantic import BaseModel, ConfigDict
 
+from orchestrator.events.base import ModelEvent
 from orchestrator.schedules.spec import ScheduleSpec
 
 TOPIC = "sagaworks.Schedule"
@@ -23,20 +23,10 @@ def schedule_uuid(schedule_id: str) -> UUID:
     return uuid5(NAMESPACE_URL, f"sagaworks:schedule:{schedule_id}")
 
 
-class ScheduleEvent(BaseModel, CanMutateAggregate[UUID]):
+class ScheduleEvent(ModelEvent):
     """Base of a schedule's events (not saga events: the saga log's readers leave them alone)."""
 
-    model_config = ConfigDict(frozen=True)
-    topic: ClassVar[str] = ""
-
-    originator_id: UUID
-    originator_version: int
-    timestamp: datetime
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        cls.topic = f"sagaworks.{cls.__name__}.v1"
-        register_topic(cls.topic, cls)
+    family: ClassVar[bool] = True
 
     def apply(self, aggregate: Any) -> None:
         self.evolve(aggregate)
