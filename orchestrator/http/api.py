@@ -229,19 +229,8 @@ def _add_emit(router: APIRouter, orch: Orchestrator, event_type: type[DomainEven
         )
 
     emit.__doc__ = f"Record a {event_type.event_name} domain event: the sagas it triggers start soon after."
-    emit.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        [
-            inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Request),
-            inspect.Parameter(
-                "data", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[event_type, Body()]
-            ),
-            inspect.Parameter(
-                "idempotency_key",
-                inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                default=None,
-                annotation=Annotated[str | None, Header(description="The event's id: a repeat records nothing")],
-            ),
-        ]
+    emit.__signature__ = _signature(  # type: ignore[attr-defined]
+        event_type, idempotency_key="The event's id: a repeat records nothing"
     )
     router.add_api_route(
         f"/events/{quote(event_type.event_name, safe='')}",
@@ -275,24 +264,10 @@ def _add_start(router: APIRouter, orch: Orchestrator, saga: type[Saga[Any]], gua
         )
 
     start.__doc__ = f"Start a {saga.name} saga: ``202 Accepted`` with ``Location`` to poll."
-    # The body's type is this saga's input model, known only now: the signature says so to FastAPI.
-    start.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        [
-            inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Request),
-            inspect.Parameter("data", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[model, Body()]),
-            inspect.Parameter(
-                "idempotency_key",
-                inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                default=None,
-                annotation=Annotated[str | None, Header(description="The saga id: a repeat starts nothing")],
-            ),
-            inspect.Parameter(
-                "callback_url",
-                inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                default=None,
-                annotation=Annotated[str | None, Header(description="POST the final status here when it ends")],
-            ),
-        ]
+    start.__signature__ = _signature(  # type: ignore[attr-defined]
+        model,
+        idempotency_key="The saga id: a repeat starts nothing",
+        callback_url="POST the final status here when it ends",
     )
     router.add_api_route(
         f"/sagas/{quote(saga.name, safe='')}",
@@ -303,6 +278,22 @@ def _add_start(router: APIRouter, orch: Orchestrator, saga: type[Saga[Any]], gua
         responses=responses(401, 409),
         name=f"start_{saga.name}",
         tags=["sagas"],
+    )
+
+
+def _signature(body: Any, **headers: str) -> inspect.Signature:
+    """What a generated route says to FastAPI: the request, a JSON body of type ``body`` (a model
+    known only when the route is made), then optional headers by parameter name, with their help."""
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    return inspect.Signature(
+        [
+            inspect.Parameter("request", kind, annotation=Request),
+            inspect.Parameter("data", kind, annotation=Annotated[body, Body()]),
+            *(
+                inspect.Parameter(name, kind, default=None, annotation=Annotated[str | None, Header(description=help)])
+                for name, help in headers.items()
+            ),
+        ]
     )
 
 
