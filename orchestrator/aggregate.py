@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from orchestrator import events as ev
 from orchestrator.definition import Saga
 from orchestrator.errors import InvalidInput
+from orchestrator.events.base import created
 from orchestrator.limits import Limits
 from orchestrator.machine import (
     Finish,
@@ -109,10 +110,7 @@ class SagaAggregate(BaseAggregate[UUID]):
             pool_key=pool_key,
             queued=queued,
         )
-        aggregate = event.mutate(None)
-        assert isinstance(aggregate, SagaAggregate)
-        aggregate.pending_events.append(event)
-        return aggregate
+        return created(event, cls)
 
     @classmethod
     def begin(

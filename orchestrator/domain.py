@@ -21,7 +21,7 @@ from eventsourcing.utils import get_topic, register_topic
 from pydantic import BaseModel, ConfigDict
 
 from orchestrator.errors import DefinitionError
-from orchestrator.events.base import ModelEvent
+from orchestrator.events.base import ModelEvent, created
 from orchestrator.limits import Limits
 from orchestrator.safety import short
 from orchestrator.steps import is_name
@@ -90,10 +90,7 @@ class DomainEventRecord(BaseAggregate[UUID]):
             name=name,
             data=data,
         )
-        record: Any = event.mutate(None)
-        record.pending_events.append(event)
-        assert isinstance(record, DomainEventRecord)
-        return record
+        return created(event, cls)
 
 
 register_topic(RECORD_TOPIC, DomainEventRecord)

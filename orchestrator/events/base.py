@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 from uuid import UUID
 
-from eventsourcing.domain import CanMutateAggregate
+from eventsourcing.domain import BaseAggregate, CanMutateAggregate
 from eventsourcing.utils import register_topic
 from pydantic import BaseModel, ConfigDict
 
 from orchestrator.machine import SagaRun
+
+A = TypeVar("A", bound=BaseAggregate[UUID])
 
 
 class ModelEvent(BaseModel, CanMutateAggregate[UUID]):
@@ -33,6 +35,14 @@ class ModelEvent(BaseModel, CanMutateAggregate[UUID]):
             return
         cls.topic = f"sagaworks.{cls.__name__}.v1"
         register_topic(cls.topic, cls)
+
+
+def created(event: Any, kind: type[A]) -> A:
+    """The aggregate of type ``kind`` that an initial event makes, with the event pending on it."""
+    aggregate = event.mutate(None)
+    assert isinstance(aggregate, kind)
+    aggregate.pending_events.append(event)
+    return aggregate
 
 
 class SagaEvent(ModelEvent):

@@ -10,7 +10,7 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 from eventsourcing.domain import BaseAggregate, CanInitAggregate
 from eventsourcing.utils import register_topic
 
-from orchestrator.events.base import ModelEvent
+from orchestrator.events.base import ModelEvent, created
 from orchestrator.schedules.spec import ScheduleSpec
 
 TOPIC = "sagaworks.Schedule"
@@ -151,10 +151,7 @@ class Schedule(BaseAggregate[UUID]):
             spec=spec,
             declared=declared,
         )
-        schedule: Any = event.mutate(None)
-        schedule.pending_events.append(event)
-        assert isinstance(schedule, Schedule)
-        return schedule
+        return created(event, cls)
 
     def record(self, event_class: type[ScheduleEvent], now: datetime, **data: Any) -> None:
         """Record one of the schedule's events."""
