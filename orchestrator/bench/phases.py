@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from eventsourcing.persistence import Tracking
@@ -28,6 +28,7 @@ from orchestrator.following import tracking_name
 from orchestrator.registry import policies_of
 
 Say = Callable[[str], None]
+T = TypeVar("T")
 NOT_TERMINAL = [state for state in SagaState if not state.terminal]
 WARMUP = 3
 FILL_PROCESSES = 2
@@ -249,16 +250,27 @@ def store_sagas(orch: Orchestrator, sagas: int, batch: int, say: Say) -> list[st
         orch.run_worker(wait=False, poll_interval=0.01)
     say(f"  ran {len(ids)} sagas to their end (or their wait) in {time.perf_counter() - began:.1f} s")
     rest = sagas - len(ids)
-    processes = FILL_PROCESSES if orch.database.is_postgres and rest >= 20 * batch else 1
-    say(f"  storing {rest} more sagas, {batch} per transaction, in {processes} process(es)")
-    if processes == 1:
-        return ids + fill(orch.database.url, rest, batch, orch)
-    # Two processes store about 1.5 times as fast as one: one builds events while the other writes.
-    shares = [rest // processes + (1 if i < rest % processes else 0) for i in range(processes)]
-    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for part in pool.map(fill, [orch.database.url] * processes, shares, [batch] * processes):
-            ids += part
+    say(f"  storing {rest} more sagas, {batch} per transaction, in {fill_processes(orch, rest, batch)} process(es)")
+    for part in spread(orch, fill, rest, batch):
+        ids += part
     return ids
+
+
+def fill_processes(orch: Orchestrator, count: int, batch: int) -> int:
+    """How many processes store ``count`` sagas: two on PostgreSQL when there is enough to share (one
+    builds events while the other writes, about 1.5 times as fast as one), else this one."""
+    return FILL_PROCESSES if orch.database.is_postgres and count >= 20 * batch else 1
+
+
+def spread(orch: Orchestrator, work: Callable[..., T], count: int, batch: int) -> list[T]:
+    """``work(url, share, batch[, orch])`` over ``count`` sagas, in ``fill_processes`` processes;
+    each share's result."""
+    processes = fill_processes(orch, count, batch)
+    if processes == 1:
+        return [work(orch.database.url, count, batch, orch)]
+    shares = [count // processes + (1 if i < count % processes else 0) for i in range(processes)]
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(work, [orch.database.url] * processes, shares, [batch] * processes))
 
 
 @contextmanager
@@ -297,13 +309,7 @@ def preload_finished(orch: Orchestrator, sagas: int, batch: int, say: Say) -> fl
     busy system keeps them; seconds it took. Their histories are made in the bench (the machine
     run by hand, no worker) and written ``batch`` per transaction, from two processes on PostgreSQL."""
     began = time.perf_counter()
-    processes = FILL_PROCESSES if orch.database.is_postgres and sagas >= 20 * batch else 1
-    shares = [sagas // processes + (1 if i < sagas % processes else 0) for i in range(processes)]
-    if processes == 1:
-        fill_finished(orch.database.url, sagas, batch, orch)
-    else:
-        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-            list(pool.map(fill_finished, [orch.database.url] * processes, shares, [batch] * processes))
+    spread(orch, fill_finished, sagas, batch)
     seconds = time.perf_counter() - began
     # In a system that ran them, the log's followers (triggers, notifications) read these sagas'
     # ends as they happened, finding nothing to do: put them where they would be by now.
