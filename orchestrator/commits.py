@@ -37,8 +37,7 @@ class Call:
 
     aggregates: list[Any]
     ready: threading.Event = field(default_factory=threading.Event)
-    lead: bool = False
-    """Set (with ``ready``) when this call must lead the next transaction."""
+    """Set when the call is done, or (``done`` still false) when it must lead the next transaction."""
     done: bool = False
     error: BaseException | None = None
     answer: Callable[[], None] | None = None
@@ -70,11 +69,7 @@ class GroupCommit:
         """Write ``aggregates`` (with the calls that queue meanwhile); return once durable, or raise
         this call's own error."""
         call = Call(aggregates)
-        with self._lock:
-            self._queue.append(call)
-            lead = not self._busy
-            self._busy = True
-        if not lead:
+        if not self._enqueue(call):
             call.ready.wait()
         if not call.done:  # leading: write what has queued, this call first
             self._lead()
@@ -97,15 +92,19 @@ class GroupCommit:
                 self._write_in_thread()
 
         call.answer = answer
-        with self._lock:
-            self._queue.append(call)
-            lead = not self._busy
-            self._busy = True
-        if lead:
+        if self._enqueue(call):
             self._write_in_thread()
         await asyncio.shield(answered)
         if call.error is not None:
             raise call.error
+
+    def _enqueue(self, call: Call) -> bool:
+        """Queue ``call``; whether it leads (no transaction was in flight)."""
+        with self._lock:
+            self._queue.append(call)
+            lead = not self._busy
+            self._busy = True
+        return lead
 
     def _write_in_thread(self) -> None:
         with self._lock:
@@ -135,7 +134,6 @@ class GroupCommit:
                 call.done = True
                 call.wake()
             if following is not None:
-                following.lead = True
                 following.wake()
 
     def _write(self, batch: list[Call]) -> None:
