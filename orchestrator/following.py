@@ -42,6 +42,40 @@ def tracking_name(follower: str) -> str:
     return f"{follower}@{APPLICATION_NAME}"
 
 
+class Histories:
+    """The histories of the sagas in one batch of the log, read when a follower first asks: all of
+    them in one query, or, for a follower that needs only how each saga started, each one's first
+    event (most sagas have no notify URL, and their start says so)."""
+
+    def __init__(self, index: SagaIndex, saga_uuids: list[UUID]) -> None:
+        self.index = index
+        self.saga_uuids = saga_uuids
+        self.full: dict[UUID, list[StoredEvent]] | None = None
+        self.firsts: dict[UUID, StoredEvent] | None = None
+
+    def of(self, saga_uuid: UUID) -> Sequence[StoredEvent]:
+        """The saga's whole history (the batch's histories are read on the first call)."""
+        if self.full is None:
+            self.full = {}
+            for record in self.index.select_events_many(self.saga_uuids):
+                self.full.setdefault(_uuid(record.originator_id), []).append(record)
+        return self.full.get(saga_uuid, [])
+
+    def first(self, saga_uuid: UUID) -> StoredEvent | None:
+        """The saga's first event (the batch's first events are read on the first call)."""
+        if self.full is not None:
+            history = self.full.get(saga_uuid)
+            return history[0] if history else None
+        if self.firsts is None:
+            firsts = self.index.select_events_many(self.saga_uuids, first_only=True)
+            self.firsts = {_uuid(record.originator_id): record for record in firsts}
+        return self.firsts.get(saga_uuid)
+
+
+def _uuid(value: Any) -> UUID:
+    return value if isinstance(value, UUID) else UUID(str(value))
+
+
 @dataclass
 class Change:
     """One event of the log, as a follower sees it: the event, and the saga as it stood right after."""
@@ -49,8 +83,13 @@ class Change:
     position: int
     """The event's notification id: its place in the log."""
     event: ev.SagaEvent
-    history: Sequence[StoredEvent] = field(repr=False)
+    histories: Histories = field(repr=False)
     mapper: Any = field(repr=False)
+
+    @property
+    def history(self) -> Sequence[StoredEvent]:
+        """The saga's stored events (its whole history, read for the batch on first use)."""
+        return self.histories.of(self.saga_uuid)
 
     @property
     def type(self) -> str:
@@ -66,7 +105,8 @@ class Change:
     def started(self) -> ev.SagaStarted | None:
         """The saga's first event (its start: name, input, notify URL), decoded alone; ``None`` if the
         history does not begin with it. Far cheaper than ``run`` when that is all a follower needs."""
-        first: Any = self.mapper.to_domain_event(self.history[0]) if self.history else None
+        record = self.histories.first(self.saga_uuid)
+        first: Any = self.mapper.to_domain_event(record) if record is not None else None
         return first if isinstance(first, ev.SagaStarted) else None
 
     @cached_property
@@ -160,14 +200,11 @@ class Log:
         notifications, reached = read_batch(store.recorder, position, limit, topics)
         if reached == position:
             return 0
-        uuids = list(dict.fromkeys(UUID(str(n.originator_id)) for n in notifications))
-        histories: dict[UUID, list[StoredEvent]] = {}
-        for record in index.select_events_many(uuids):
-            histories.setdefault(UUID(str(record.originator_id)), []).append(record)
+        histories = Histories(index, list(dict.fromkeys(_uuid(n.originator_id) for n in notifications)))
         changes = []
         for n in notifications:
             event: Any = store.mapper.to_domain_event(n)
-            changes.append(Change(n.id, event, histories.get(event.originator_id, []), store.mapper))
+            changes.append(Change(n.id, event, histories, store.mapper))
         try:
             follower.record(changes, Tracking(name, reached), index)
         except IntegrityError:

@@ -10,11 +10,13 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from uuid import UUID
 
 import pytest
 
 from orchestrator import Orchestrator
 from orchestrator.aggregate import aggregate_id
+from orchestrator.events import SagaStarted
 from orchestrator.readmodels.status import index_entry
 from orchestrator.storage import SagaIndex, StatusQuery, ThreadWaker
 from orchestrator.storage.sqlite import DataVersionWatcher
@@ -169,6 +171,17 @@ def test_events_of_many_sagas_in_one_read(orch: Orchestrator) -> None:
     assert keys == sorted(keys)
     assert {(aggregate_id("a"), 2), (aggregate_id("b"), 1)} <= set(keys)
     assert index(orch).select_events_many([]) == []
+
+
+def test_first_events_of_many_sagas_in_one_read(orch: Orchestrator) -> None:
+    """select_events_many(first_only=True) returns each saga's first event (its start) and no other."""
+    started(orch, "a", "b")
+    orch.cancel("a")
+    events = index(orch).select_events_many([aggregate_id("a"), aggregate_id("b")], first_only=True)
+    assert sorted((UUID(str(e.originator_id)), e.originator_version) for e in events) == sorted(
+        [(aggregate_id("a"), 1), (aggregate_id("b"), 1)]
+    )
+    assert {e.topic for e in events} == {SagaStarted.topic}
 
 
 class Flaky(ThreadWaker):

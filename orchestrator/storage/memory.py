@@ -301,5 +301,5 @@ class MemoryRecorder(SagaIndex, POPOProcessRecorder):
             found = [row["delivery"] for row in self.deliveries.values() if row["delivery"].saga_uuid == saga_uuid]
         return sorted(found, key=lambda d: (d.kind, d.target))
 
-    def select_events_many(self, saga_uuids: list[UUID]) -> list[StoredEvent]:
-        return [event for uuid in saga_uuids for event in self.select_events(uuid)]
+    def select_events_many(self, saga_uuids: list[UUID], *, first_only: bool = False) -> list[StoredEvent]:
+        return [event for uuid in saga_uuids for event in self.select_events(uuid, limit=1 if first_only else None)]

@@ -1,5 +1,8 @@
 """A SQL dialect's named queries and numbered migrations, read from ``queries/<dialect>.sql``
-(``-- name: claim`` blocks and ``-- migration: 2`` blocks, as procrastinate keeps its SQL)."""
+(``-- name: claim`` blocks and ``-- migration: 2`` blocks, as procrastinate keeps its SQL).
+
+A named query may hold another by name, ``{query:upsert_status}``: one statement that writes
+several tables reuses the statements that write each, instead of repeating them."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from importlib import resources
 from typing import Any, Protocol
 
 _MARKER = re.compile(r"^-- (name|migration): (\S+)\s*$", re.MULTILINE)
+_INCLUDE = re.compile(r"\{query:(\w+)\}")
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,8 @@ class Queries:
                 named[mark.group(2)] = sql
             else:
                 migrations[int(mark.group(2))] = [s.strip() for s in sql.split(";") if s.strip()]
+        for name, sql in named.items():
+            named[name] = _INCLUDE.sub(lambda found: named[found.group(1)], sql)
         if sorted(migrations) != list(range(1, len(migrations) + 1)):
             raise ValueError(f"{dialect}.sql: migrations must be numbered 1, 2, 3, ... without gaps")
         return cls(named, [migrations[n] for n in sorted(migrations)])

@@ -187,8 +187,9 @@ class SagaIndex(ABC):
         """How many sagas match ``query``, as (saga name, state, count) rows."""
 
     @abstractmethod
-    def select_events_many(self, saga_uuids: list[UUID]) -> list[StoredEvent]:
-        """The stored events of many sagas in one query, ordered by saga then version."""
+    def select_events_many(self, saga_uuids: list[UUID], *, first_only: bool = False) -> list[StoredEvent]:
+        """The stored events of many sagas in one query, ordered by saga then version (with
+        ``first_only``, only each saga's first event)."""
 
     @abstractmethod
     def status_position(self) -> int | None:

@@ -207,8 +207,9 @@ class PostgresIndexRecorder(SqlIndex, PostgresProcessRecorder):
     def _insert_stored_events(
         self, curs: psycopg.Cursor[DictRow], stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> None:
-        # As the library does: lock the table (so notification ids commit in order), notify
-        # listeners, insert, and leave the returned ids on this cursor for the library to read.
+        # As the library does: lock the table (so notification ids commit in order), insert, leave
+        # the returned ids on this cursor for the library to read, and notify listeners (here with
+        # the index rows, in one statement).
         #
         # The library keeps an exception raised here until its transaction has ended, and that
         # ends in a COMMIT unless a statement failed: whatever was written before a Python error
@@ -216,10 +217,11 @@ class PostgresIndexRecorder(SqlIndex, PostgresProcessRecorder):
         # must see the pool under the lock, runs before it.
         self.own_pids.add(curs.connection.info.backend_pid)
         self._lock_table(curs)
+        entries: Sequence[IndexEntry] = kwargs.get("index", ())
         if (check := kwargs.get("admission")) is not None:
             with curs.connection.cursor() as reader:
-                self.check_admission(reader, check, kwargs.get("index", ()))
-        self._notify_channel(curs)
+                self.check_admission(reader, check, entries)
+        index_params = _index_params(entries, self.channel_name)
         curs.execute(
             self.insert_events_statement,
             (
@@ -230,24 +232,11 @@ class PostgresIndexRecorder(SqlIndex, PostgresProcessRecorder):
             ),
             prepare=True,
         )
-        entries: Sequence[IndexEntry] = kwargs.get("index", ())
         # After the library's lock and insert, on another cursor: the insert's cursor still owes
         # the notification ids to the library, and the lock orders our rows like the events.
         with curs.connection.cursor() as index:
-            if entries:
-                self.upsert_status(index, entries)
-                dues = [e for e in entries if e.due_at is not None]
-                if dues:
-                    index.execute(
-                        self.compiled["upsert_work"],
-                        ([e.saga_uuid for e in dues], [e.due_at for e in dues], [e.version for e in dues]),
-                        prepare=True,
-                    )
-                done = [e.saga_uuid for e in entries if e.due_at is None]
-                if done:
-                    index.execute(self.compiled["delete_work"], (done,), prepare=True)
+            index.execute(self.compiled["write_index"], index_params, prepare=True)
             self.put_rows(index, kwargs.get("rows", ()))
-            index.execute(self.compiled["track_head"], {"application": APPLICATION_NAME}, prepare=True)
 
     # Reads and claims
 
@@ -271,12 +260,26 @@ class PostgresIndexRecorder(SqlIndex, PostgresProcessRecorder):
         claims = list({uuid: Claim(uuid, version) for uuid, version, *_ in rows}.values())
         return claims, [StoredEvent(uuid, v, topic, bytes(state)) for uuid, _, v, topic, state in rows]
 
-    def select_events_many(self, saga_uuids: list[UUID]) -> list[StoredEvent]:
+    def select_events_many(self, saga_uuids: list[UUID], *, first_only: bool = False) -> list[StoredEvent]:
         if not saga_uuids:
             return []
-        with self.transaction(commit=False) as cursor:
-            rows = self.rows(cursor, "events_of", {"keys": saga_uuids})
+        with self.reading() as cursor:
+            rows = self.rows(cursor, "first_events_of" if first_only else "events_of", {"keys": saga_uuids})
         return [StoredEvent(uuid, version, topic, bytes(state)) for uuid, version, topic, state in rows]
+
+
+def _index_params(entries: Sequence[IndexEntry], channel: str) -> tuple[Any, ...]:
+    """The parameters of ``write_index``: status columns, due work rows, finished ones, head, channel."""
+    dues = [e for e in entries if e.due_at is not None]
+    return (
+        *_status_columns(entries),
+        [e.saga_uuid for e in dues],
+        [e.due_at for e in dues],
+        [e.version for e in dues],
+        [e.saga_uuid for e in entries if e.due_at is None],
+        APPLICATION_NAME,
+        channel,
+    )
 
 
 def _status_columns(entries: Sequence[IndexEntry]) -> tuple[list[Any], ...]:

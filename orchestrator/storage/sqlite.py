@@ -186,12 +186,13 @@ class SQLiteIndexRecorder(SqlIndex, SQLiteProcessRecorder):
         with self.transaction(commit=True) as cursor:
             return [Claim(UUID(key), version) for key, version in self.rows(cursor, "claim", params)]
 
-    def select_events_many(self, saga_uuids: list[UUID]) -> list[StoredEvent]:
+    def select_events_many(self, saga_uuids: list[UUID], *, first_only: bool = False) -> list[StoredEvent]:
         if not saga_uuids:
             return []
         params = {f"k{i}": uuid.hex for i, uuid in enumerate(saga_uuids)}
+        query = "first_events_of" if first_only else "events_of"
         with self.transaction(commit=False) as cursor:
-            rows = self.rows(cursor, "events_of", params, keys=", ".join(f":{name}" for name in params))
+            rows = self.rows(cursor, query, params, keys=", ".join(f":{key}" for key in params))
         return [StoredEvent(UUID(key), version, topic, bytes(state)) for key, version, topic, state in rows]
 
 

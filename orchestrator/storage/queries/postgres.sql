@@ -60,20 +60,24 @@ ON CONFLICT (saga_uuid) DO UPDATE SET
     pool_due = EXCLUDED.pool_due
 WHERE saga_status.version <= EXCLUDED.version
 
--- name: upsert_work
--- Writing a row releases any lease on it: the events just saved say what is due next.
-INSERT INTO {schema}.saga_work (saga_uuid, due_at, version)
-SELECT u, d, v FROM unnest(%b::uuid[], %b::timestamptz[], %b::int[]) AS t(u, d, v)
-ON CONFLICT (saga_uuid) DO UPDATE SET
-    due_at = EXCLUDED.due_at, version = EXCLUDED.version, lease_owner = NULL, lease_until = NULL, failures = 0
-
--- name: delete_work
-DELETE FROM {schema}.saga_work WHERE saga_uuid = ANY(%s)
-
--- name: track_head
--- We hold the events table's EXCLUSIVE lock here, so max(notification_id) is our last event.
-INSERT INTO {schema}.saga_status_tracking SELECT %(application)s, max(notification_id) FROM {schema}.{events}
-ON CONFLICT (application_name) DO UPDATE SET notification_id = EXCLUDED.notification_id
+-- name: write_index
+-- What a save writes besides its events, in one statement (one round of parsing and binding, not
+-- five): the status rows, the work rows of sagas with something due (writing a row releases any
+-- lease on it), the work rows of sagas with nothing due deleted, the log's head (we hold the
+-- events table's EXCLUSIVE lock, so max(notification_id) is our last event), and the NOTIFY that
+-- wakes other processes' workers at commit. Empty arrays write nothing.
+WITH status AS ({query:upsert_status}),
+work AS (
+    INSERT INTO {schema}.saga_work (saga_uuid, due_at, version)
+    SELECT u, d, v FROM unnest(%b::uuid[], %b::timestamptz[], %b::int[]) AS t(u, d, v)
+    ON CONFLICT (saga_uuid) DO UPDATE SET
+        due_at = EXCLUDED.due_at, version = EXCLUDED.version, lease_owner = NULL, lease_until = NULL, failures = 0),
+done AS (
+    DELETE FROM {schema}.saga_work WHERE saga_uuid = ANY(%b::uuid[])),
+head AS (
+    INSERT INTO {schema}.saga_status_tracking SELECT %s, max(notification_id) FROM {schema}.{events}
+    ON CONFLICT (application_name) DO UPDATE SET notification_id = EXCLUDED.notification_id)
+SELECT pg_notify(%s, '')
 
 -- name: track
 -- The position only moves forwards.
@@ -145,6 +149,11 @@ DELETE FROM {schema}.saga_status_tracking
 -- name: events_of
 SELECT originator_id, originator_version, topic, state FROM {schema}.{events}
 WHERE originator_id = ANY(%(keys)s) ORDER BY originator_id, originator_version
+
+-- name: first_events_of
+-- Each saga's first event (its start): the aggregates' initial version is 1.
+SELECT originator_id, originator_version, topic, state FROM {schema}.{events}
+WHERE originator_id = ANY(%(keys)s) AND originator_version = 1 ORDER BY originator_id
 
 -- migration: 4
 -- Read models users write (projections/), one JSON document per key, and completion notifications.

@@ -108,6 +108,11 @@ DELETE FROM saga_status_tracking
 SELECT originator_id, originator_version, topic, state FROM {events}
 WHERE originator_id IN ({keys}) ORDER BY originator_id, originator_version
 
+-- name: first_events_of
+-- Each saga's first event (its start): the aggregates' initial version is 1.
+SELECT originator_id, originator_version, topic, state FROM {events}
+WHERE originator_id IN ({keys}) AND originator_version = 1 ORDER BY originator_id
+
 -- name: has_schema_table
 SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'saga_schema'
 
