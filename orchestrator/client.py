@@ -31,7 +31,7 @@ from orchestrator.errors import (
     UnknownEvent,
 )
 from orchestrator.following import Follower, Log
-from orchestrator.notify import Notifications
+from orchestrator.notify import Deliveries, Notifications, Queueing
 from orchestrator.reads import Reads
 from orchestrator.registry import Registry, SagaRef
 from orchestrator.repository import Repository
@@ -82,7 +82,8 @@ class Orchestrator(Commands, Reads):
         self.notifications = Notifications(
             self.repository, self.registry, secret, _process_id(), self.settings.lease_seconds
         )
-        """Queues and delivers completion notifications (run by every worker, between rounds)."""
+        """Queues and delivers completion notifications (run by every worker: ``Queueing`` between
+        rounds, ``Deliveries`` in a thread of its own)."""
         self.event_types: dict[str, type[DomainEvent]] = {SagaEnded.event_name: SagaEnded}
         """The domain events this orchestrator knows by name (given, and those its sagas' triggers name)."""
         for event_type in events:
@@ -99,7 +100,8 @@ class Orchestrator(Commands, Reads):
         self.scheduler = Scheduler(self.repository, self.registry, self.settings.max_input_bytes)
         """Manages schedules (``orch.scheduler.pause(...)``) and fires their due ticks in every worker."""
         self.side_tasks: builtins.list[SideTask] = [
-            self.notifications,
+            Queueing(self.notifications),
+            Deliveries(self.notifications),
             Triggering(self.trigger_processor, self.log),
             self.changes,
             self.admission,

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import hmac
 import inspect
+import threading
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
@@ -79,6 +80,8 @@ class Notifier:
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
+        self.added = 0
+        """Deliveries the last batch queued."""
 
     def record(self, changes: list[Change], tracking: Tracking, index: SagaIndex) -> None:
         deliveries: list[Delivery] = []
@@ -105,7 +108,9 @@ class Notifier:
                         body=body,
                     )
                 )
+        self.added = 0
         index.add_deliveries(deliveries, datetime.now(UTC), tracking)
+        self.added = len(deliveries)
 
     def reset(self, index: SagaIndex) -> None:
         from orchestrator.following import tracking_name
@@ -130,12 +135,27 @@ class Notifications:
         self.notifier = Notifier(registry)
         self.log = Log(repository)
         self.client: httpx.Client | None = None
+        self.queued_here = threading.Event()
+        """Set when this process queued deliveries that ``Deliveries`` has not looked for yet."""
 
     def run(self) -> float | None:
-        """One batch of the log, then up to 20 due deliveries; run again soon if there was work."""
-        queued = self.log.catch_up(self.notifier)
+        """One batch of the log, then up to 20 due deliveries; run again soon if there was work.
+
+        A running worker runs only the first half (``queue``) in its loop, and the deliveries,
+        which wait on receivers and on users' hooks, as a task of their own (``Deliveries``).
+        """
+        queued = self.queue()
         delivered = self.deliver(20)
         return 0.05 if queued or delivered else 1.0
+
+    def queue(self) -> int:
+        """Queue the notifications of one batch of the log; how many notifications it read."""
+        self.notifier.added = 0
+        queued = self.log.catch_up(self.notifier)
+        if self.notifier.added:
+            self.queued_here.set()
+            self.repository.wake_workers()  # deliveries are due now: wake the task that sends them
+        return queued
 
     def deliver(self, limit: int) -> int:
         """Deliver up to ``limit`` due notifications; how many were tried."""
@@ -206,6 +226,43 @@ class Notifications:
         outcome = hook(instance, status)
         if inspect.isawaitable(outcome):
             asyncio.run(_awaited(outcome))
+
+
+class Queueing:
+    """The side task that queues notifications as sagas end (it follows the log: a short run)."""
+
+    name = "notifications"
+
+    def __init__(self, notifications: Notifications) -> None:
+        self.notifications = notifications
+
+    def run(self) -> float | None:
+        return 0.05 if self.notifications.queue() else 1.0
+
+
+class Deliveries:
+    """The side task that delivers due notifications, in a thread of its own (``own_thread``): a
+    receiver that answers slowly, or a hook that hangs, delays other notifications, never a step."""
+
+    name = "deliveries"
+    own_thread = True
+    on_wake = True
+    """Woken when this process queued deliveries (``Notifications.queue`` wakes the workers); any
+    other wake-up costs no query: due retries and others' deliveries are looked for each second."""
+
+    def __init__(self, notifications: Notifications) -> None:
+        self.notifications = notifications
+        self.look_at = 0.0
+
+    def run(self) -> float | None:
+        now = time.monotonic()
+        queued = self.notifications.queued_here
+        if not queued.is_set() and now < self.look_at:
+            return self.look_at - now
+        queued.clear()
+        delay = 0.05 if self.notifications.deliver(20) else 1.0
+        self.look_at = now + delay
+        return delay
 
 
 def _instance(saga: type[Saga[Any]], status: SagaStatus, attempt: int) -> Saga[Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,6 +17,7 @@ from pydantic import BaseModel, SecretStr
 from orchestrator import Orchestrator, Saga, SagaState, SagaStatus, Settings, step, wait_for
 from orchestrator import notify as notify_module
 from orchestrator.notify import signature, verify
+from orchestrator.worker import Worker
 from tests.conftest import drain
 
 SECRET = "s3cr3t-key"
@@ -160,3 +162,47 @@ def test_notifications_are_queued_from_the_histories_exactly_once(database_url: 
         orch.log.drain(orch.notifications.notifier)
         deliver(orch)
     assert sorted(json.loads(body)["saga_id"] for _, body in receiver.received) == sorted(ids)
+
+
+class Hang(Saga[Order]):
+    """A saga whose on_finished hook hangs until released (a hook that calls a dead service)."""
+
+    entered: ClassVar[threading.Event] = threading.Event()
+    release: ClassVar[threading.Event] = threading.Event()
+
+    @step
+    def pack(self, order: Order) -> None: ...
+
+    def on_finished(self, status: SagaStatus) -> None:
+        Hang.entered.set()
+        Hang.release.wait(30)
+
+
+def test_a_hanging_hook_holds_up_no_saga_and_urls_are_sent_at_once(database_url: str, receiver: Receiver) -> None:
+    """In a running worker a hook that hangs delays no saga's steps, and deliveries go out as soon as queued."""
+    Hang.entered.clear()
+    Hang.release.clear()
+    with Orchestrator(sagas=[Ship, Hang], database=database_url, settings=settings()) as orch:
+        worker = Worker(orch, poll_interval=0.05)
+        thread = threading.Thread(target=worker.run, kwargs={"drain": False})
+        thread.start()
+        try:
+            orch.start(Hang, {"item": "x"})
+            assert Hang.entered.wait(10)
+            started = time.monotonic()
+            saga_id = orch.start(Ship, {"item": "lamp"})
+            status = orch.wait(saga_id, timeout=5)
+            took = time.monotonic() - started
+            Hang.release.set()
+            sent = orch.start(Ship, {"item": "mug"}, notify=receiver.url)
+            orch.wait(sent, timeout=5)
+            deadline = time.monotonic() + 5
+            while not receiver.received and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            Hang.release.set()
+            worker.stop()
+            thread.join(10)
+    assert status.state is SagaState.COMPLETED
+    assert took < 2  # not behind the hung hook (it waits up to 30 s)
+    assert [json.loads(body)["saga_id"] for _, body in receiver.received] == [sent]

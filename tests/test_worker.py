@@ -123,6 +123,41 @@ def test_worker_wakes_on_another_writer_not_on_polling(durable_url: str) -> None
     assert elapsed < 5
 
 
+class Stuck:
+    """A side task of its own thread that hangs (a receiver that never answers, say) until released."""
+
+    name = "stuck"
+    own_thread = True
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def run(self) -> float:
+        self.entered.set()
+        self.release.wait(30)
+        return 60.0
+
+
+def test_a_hanging_side_task_does_not_hold_up_the_sagas_steps(database_url: str) -> None:
+    """A side task of its own thread (notification deliveries) that hangs delays no saga's steps."""
+    stuck = Stuck()
+    with Orchestrator(sagas=[Flaky], database=database_url) as orch:
+        worker = Worker(orch, poll_interval=0.05, side_tasks=[stuck])
+        thread = threading.Thread(target=worker.run, kwargs={"drain": False})
+        thread.start()
+        try:
+            assert stuck.entered.wait(10)
+            saga_id = orch.start(Flaky, {"n": 1})
+            status = orch.wait(saga_id, timeout=5)
+        finally:
+            stuck.release.set()
+            worker.stop()
+            thread.join(10)
+    assert status.state is SagaState.COMPLETED
+    assert not thread.is_alive()
+
+
 class Once(Saga[Item]):
     runs: ClassVar[list[tuple[str, int]]] = []
 

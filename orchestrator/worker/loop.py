@@ -5,8 +5,9 @@ records the claims of many sagas in one save, hands attempts to a thread pool (`
 steps) or an event loop (``async def`` steps), and records their outcomes, again many per
 save, together with the claim of each saga's next attempt, which it then runs at once.
 The aggregate version settles every race: a stale save raises ``IntegrityError`` and only
-that saga is reloaded and decided again. Side tasks (a scheduler, a projection runner, a
-notifier) run between rounds.
+that saga is reloaded and decided again. Side tasks (the log's followers, a scheduler) run
+between rounds; those that wait on the world (notification deliveries) in a thread of their
+own (``side``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from orchestrator.worker.attempts import Attempts
 from orchestrator.worker.batch import Bookkeeper, utcnow
 from orchestrator.worker.execution import describe
 from orchestrator.worker.leases import Leases
+from orchestrator.worker.side import SideTasks
 from orchestrator.worker.state import SideTask, WorkerState
 
 if TYPE_CHECKING:
@@ -38,8 +40,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("sagaworks.worker")
 MAX_BACKOFF = 30.0
 """Longest pause between two rounds of a worker whose storage keeps failing, in seconds."""
-WAKE_GAP = 0.02
-"""Seconds at least between two runs of a log-following side task that new events made due."""
 
 
 class Worker:
@@ -73,10 +73,11 @@ class Worker:
         )
         self.books = Bookkeeper(self.state, orchestrator.repository, orchestrator.registry, self.attempts)
         self.leases = Leases(self.books)
-        self.side_tasks = [*side_tasks, *orchestrator.side_tasks]
-        self.side_due = {id(task): 0.0 for task in self.side_tasks}
-        self.side_ran: dict[int, float] = {}
-        self.side_woken = False
+        self.tasks = [*side_tasks, *orchestrator.side_tasks]
+        self.side = SideTasks(self.tasks, self.state)
+        """The side tasks run in the loop, between rounds (all of them when draining)."""
+        self.background = SideTasks([], self.state)
+        """The side tasks run in a thread of their own (``own_thread``), when not draining."""
         self.outside_work = True
         """Someone else may have made work due (another process, another thread, a timer)."""
         self.claim_at = 0.0
@@ -103,7 +104,8 @@ class Worker:
     def wake(self) -> None:
         """Called when work may be due: a NOTIFY, another connection's commit, a save in this process."""
         self.outside_work = True
-        self.side_woken = True
+        self.side.wake()
+        self.background.wake()
         self.state.signal.set()
 
     def run(self, *, drain: bool) -> None:
@@ -117,10 +119,17 @@ class Worker:
             if waker is not None:
                 waker.start()
             repository.add_waker(self.wake)
+            if not drain:
+                # Tasks that wait on the world (a receiver, a user's hook) never hold up the steps.
+                aside = [task for task in self.tasks if getattr(task, "own_thread", False)]
+                self.side = SideTasks([task for task in self.tasks if task not in aside], self.state)
+                self.background = SideTasks(aside, self.state)
+                self.background.start()
             self.log.info("worker started", drain=drain, concurrency=self.concurrency)
             try:
                 self._loop(drain)
             finally:
+                self.background.stop(timeout=self.grace)
                 repository.remove_waker(self.wake)
                 if waker is not None:
                     waker.stop()
@@ -164,7 +173,7 @@ class Worker:
                     if claimed == batch > 0:
                         self.outside_work = True  # a full batch: there may be more waiting
                 self.leases.renew()
-                self._run_side_tasks()
+                self.side.run_due()
                 # Woken during the round (a side task admitted, scheduled or triggered sagas): not idle.
                 idle = not claimed and not finished and not self.state.signal.is_set()
                 if idle and self.attempts.running and self._grace_over():
@@ -247,37 +256,9 @@ class Worker:
 
     # Between rounds
 
-    def _run_side_tasks(self) -> None:
-        """Run the side tasks that are due; one that fails is logged and tried again later.
-
-        New events (a wake-up) make the tasks that follow the log due soon (``on_wake``): a trigger
-        starts its saga without waiting for the task's idle pause.
-        """
-        now = time.monotonic()
-        if self.side_woken:
-            self.side_woken = False
-            for task in self.side_tasks:
-                if getattr(task, "on_wake", False):
-                    key = id(task)
-                    self.side_due[key] = min(self.side_due[key], self.side_ran.get(key, 0.0) + WAKE_GAP)
-        for task in self.side_tasks:
-            if now < self.side_due[id(task)] or self.state.stopping.is_set():
-                continue
-            try:
-                delay = task.run()
-            except Exception as error:
-                if is_transient(error):
-                    raise
-                self.log.exception("side task failed; trying again later", task=task.name)
-                delay = MAX_BACKOFF
-            self.side_due[id(task)] = now + (self.state.poll_interval if delay is None else delay)
-            self.side_ran[id(task)] = now
-
     def _sweep(self) -> bool:
         """Run every side task now, due or not; whether that woke the worker (there is work now)."""
-        for task in self.side_tasks:
-            self.side_due[id(task)] = 0.0
-        self._run_side_tasks()
+        self.side.sweep()
         return self.state.signal.is_set()
 
     def _idle(self) -> None:
@@ -285,8 +266,7 @@ class Worker:
         timeout = self.state.poll_interval
         if self.state.stopping.is_set():
             timeout = min(timeout, max(0.0, self.stop_deadline - now))
-        if self.side_tasks:
-            timeout = min(timeout, max(0.0, min(self.side_due.values()) - now))
+        timeout = min(timeout, self.side.next_in(now))
         if not self.attempts.running:
             due = self.orch.repository.index.next_due()
             if due is not None:

@@ -27,13 +27,16 @@ class WorkerState:
 class SideTask(Protocol):
     """Work a worker does between rounds of steps (a scheduler, a projection runner, a notifier).
 
-    Tasks run in the worker's loop thread, so each run must be short; the worker runs a task
-    again after the seconds ``run`` returns (``None``: the poll interval), or, if it raised,
-    after a backoff.
+    Tasks run in the worker's loop thread, between rounds, so each run must be short; a task
+    that waits on the world (a receiver, a user's hook) sets ``own_thread = True`` and runs in a
+    thread of the worker's instead (in the loop when it drains). The worker runs a task again
+    after the seconds ``run`` returns (``None``: the poll interval), or, if it raised, after a
+    backoff.
     """
 
     name: str
-    # A task may also set ``on_wake = True``: new events make it due soon (it follows the log).
+    # A task may also set ``on_wake = True``: new events make it due soon (it follows the log),
+    # and ``own_thread = True`` (see above).
 
     def run(self) -> float | None:
         """Do what is due now; seconds until the task wants to run again."""
