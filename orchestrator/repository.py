@@ -19,7 +19,15 @@ from orchestrator.commits import GroupCommit
 from orchestrator.errors import OrchestratorError, SagaNotFound
 from orchestrator.events import SagaEvent
 from orchestrator.readmodels.status import index_entry
-from orchestrator.storage import Database, SagaApplication, SagaIndex, is_transient, open_store, storage_error
+from orchestrator.storage import (
+    Database,
+    IndexEntry,
+    SagaApplication,
+    SagaIndex,
+    is_transient,
+    open_store,
+    storage_error,
+)
 
 T = TypeVar("T")
 CONFLICT_TRIES = 8
@@ -162,6 +170,13 @@ class Repository:
             self.store.save_sagas(aggregates, [index_entry(a) for a in aggregates])
         if wake:
             self.wake_workers()
+
+    def stored(self, aggregates: list[SagaAggregate]) -> tuple[list[StoredEvent], list[IndexEntry]]:
+        """The aggregates' pending events as the store would write them, with their index rows
+        (for a backend that writes them in a transaction of its own, ``claim_recorded``)."""
+        mapper = self.store.mapper
+        events = [mapper.to_stored_event(event) for a in aggregates for event in a.pending_events]
+        return events, [index_entry(a) for a in aggregates]
 
     async def save_async(self, aggregates: list[SagaAggregate], *, wake: bool = True) -> None:
         """``save(aggregates, group=True)`` for a coroutine: the event loop is not blocked."""

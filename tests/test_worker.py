@@ -280,3 +280,59 @@ def test_logs_say_how_bad_each_outcome_is(database_url: str) -> None:
     assert all(line.get("error", "") is not None for line in logs)
     assert "Traceback" in failed.data["traceback"]
     assert "kaboom" in failed.data["traceback"]
+
+
+class Two(Saga[Item]):
+    @step
+    def one(self, item: Item) -> int:
+        return item.n
+
+    @step
+    def two(self, item: Item) -> int:
+        return item.n + 1
+
+
+def test_an_idle_postgres_worker_claims_and_starts_a_step_in_one_transaction(pg_url: str) -> None:
+    """On PostgreSQL an idle worker's claim and the first step's start are one transaction, not two."""
+    with Orchestrator(sagas=[Two], database=pg_url) as orch:
+        saga_id = orch.start(Two, {"n": 1})
+        worker = Worker(orch, poll_interval=0.01)
+        worker.run(drain=True)
+        status = orch.status(saga_id)
+    assert status.state is SagaState.COMPLETED
+    # One claim (that also saved the first StepStarted), then one save per outcome (each with the
+    # next step's start): two saves, where claiming apart would have taken three.
+    assert worker.stats["saves"] == 2
+    assert worker.stats["batch_errors"] == 0
+
+
+def test_a_failed_one_transaction_claim_is_undone_whole_and_claimed_again(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the claim-and-save transaction fails, its claim is undone too: the saga is claimed at once the
+    two-transaction way, not left leased until the lease runs out."""
+    from eventsourcing.persistence import DataError
+
+    from orchestrator.storage.postgres import PostgresIndexRecorder
+
+    insert = PostgresIndexRecorder._insert_stored_events
+    failed: list[int] = []
+
+    def refuse_once(self: Any, curs: Any, stored: Any, **kwargs: Any) -> None:
+        if not failed:
+            failed.append(1)
+            raise DataError("refused once")
+        insert(self, curs, stored, **kwargs)
+
+    with Orchestrator(sagas=[Two], database=pg_url, settings=Settings.defaults()) as orch:
+        saga_id = orch.start(Two, {"n": 1})
+        monkeypatch.setattr(PostgresIndexRecorder, "_insert_stored_events", refuse_once)
+        worker = Worker(orch, poll_interval=0.01, lease_seconds=600)
+        started = time.monotonic()
+        worker.run(drain=True)
+        took = time.monotonic() - started
+        status = orch.status(saga_id)
+    assert failed == [1]
+    assert worker.stats["batch_errors"] == 1
+    assert status.state is SagaState.COMPLETED
+    assert took < 10  # not after a 600 s lease

@@ -161,6 +161,21 @@ class SagaIndex(ABC):
         claims = self.claim(owner, now, lease_until, limit)
         return claims, self.select_events_many([claim.saga_uuid for claim in claims])
 
+    claims_with_save: bool = False
+    """Whether ``claim_recorded`` is available: a claim and the save it leads to in one transaction."""
+
+    def claim_recorded(
+        self,
+        owner: str,
+        now: datetime,
+        lease_until: datetime,
+        limit: int,
+        record: Callable[[list[Claim], list[StoredEvent]], tuple[list[StoredEvent], list[IndexEntry]]],
+    ) -> None:
+        """``claim_loaded``, then the events and index rows ``record`` makes of what it claimed,
+        written in the same transaction; anything raised undoes it all, the claim included."""
+        raise NotImplementedError(f"{type(self).__name__} claims and saves in two transactions")
+
     @abstractmethod
     def release(self, saga_uuid: UUID, version: int, due_at: datetime | None) -> None:
         """Drop a lease that led to no event, setting the row's ``due_at`` (``None``: remove it)."""

@@ -260,6 +260,29 @@ class PostgresIndexRecorder(SqlIndex, PostgresProcessRecorder):
         claims = list({uuid: Claim(uuid, version) for uuid, version, *_ in rows}.values())
         return claims, [StoredEvent(uuid, v, topic, bytes(state)) for uuid, _, v, topic, state in rows]
 
+    claims_with_save = True
+
+    def claim_recorded(
+        self,
+        owner: str,
+        now: datetime,
+        lease_until: datetime,
+        limit: int,
+        record: Callable[[list[Claim], list[StoredEvent]], tuple[list[StoredEvent], list[IndexEntry]]],
+    ) -> None:
+        # The events table's lock comes first, as in every other write (events, then work rows):
+        # taken after the claim's row locks, it would deadlock with a command saving meanwhile.
+        params = {"owner": owner, "until": lease_until, "now": now, "limit": limit}
+        with self.datastore.get_connection() as conn, conn.transaction(), conn.cursor() as curs:
+            self._lock_table(curs)
+            rows = self.rows(curs, "claim_loaded", params)
+            if not rows:
+                return
+            claims = list({uuid: Claim(uuid, version) for uuid, version, *_ in rows}.values())
+            stored, entries = record(claims, [StoredEvent(u, v, topic, bytes(state)) for u, _, v, topic, state in rows])
+            if entries:
+                self._insert_stored_events(curs, stored, index=entries)
+
     def select_events_many(self, saga_uuids: list[UUID], *, first_only: bool = False) -> list[StoredEvent]:
         if not saga_uuids:
             return []

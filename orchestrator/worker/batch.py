@@ -11,19 +11,22 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.persistence import IntegrityError
+from eventsourcing.persistence import IntegrityError, StoredEvent
 
 from orchestrator import metrics
 from orchestrator.aggregate import Outcome, SagaAggregate, Work
 from orchestrator.registry import Registry
 from orchestrator.repository import Conflicted, HistoryUnloadable, Repository
 from orchestrator.safety import clean_error
-from orchestrator.storage import is_transient
+from orchestrator.storage import Claim, IndexEntry, is_transient
 from orchestrator.worker.attempts import Attempts
 from orchestrator.worker.execution import describe
 from orchestrator.worker.report import log_recorded
 from orchestrator.worker.state import WorkerState
 
+ONE_TRANSACTION_CLAIMS = 16
+"""Most sagas an idle worker claims and saves in one transaction (it holds the events table's
+lock while it decides them)."""
 Intent = Callable[[SagaAggregate], Work | None]
 Fallback = Callable[[str], Intent]
 """Given why an outcome could not be stored, the intent that records that instead."""
@@ -49,6 +52,15 @@ class Batch:
     """Jobs to record in one save, keyed by saga."""
 
     jobs: dict[UUID, Job] = field(default_factory=dict)
+
+
+@dataclass
+class Decided:
+    """The jobs of a batch applied: each saga with the attempt it claimed, and those to set aside
+    (saga, version, problem, error)."""
+
+    results: dict[UUID, tuple[SagaAggregate, Work | None]] = field(default_factory=dict)
+    failures: list[tuple[UUID, int, str, BaseException | None]] = field(default_factory=list)
 
 
 class DecisionFailed(Exception):
@@ -106,16 +118,36 @@ class Bookkeeper:
     # Claims and outcomes
 
     def claim(self, limit: int) -> int:
-        """Lease up to ``limit`` due sagas, record what is due for each in one save, start their attempts."""
+        """Lease up to ``limit`` due sagas, record what is due for each in one save, start their attempts.
+
+        An idle worker whose storage can (PostgreSQL) claims and saves in one transaction: a
+        saga's first step starts one commit sooner. Should that transaction fail, it is undone
+        whole and the claim is made again in two, where trouble costs only the saga that has it.
+        """
         now = utcnow()
         lease_until = now + timedelta(seconds=self.state.lease)
-        claims, records = self.repository.index.claim_loaded(self.state.worker_id, now, lease_until, limit)
+        index = self.repository.index
         self.state.stats["claims"] += 1
         metrics.CLAIMS.inc()
+        if index.claims_with_save and not self.attempts.running:
+            claimed = self._claim_recorded(now, lease_until, min(limit, ONE_TRANSACTION_CLAIMS))
+            if claimed is not None:
+                return claimed
+        claims, records = index.claim_loaded(self.state.worker_id, now, lease_until, limit)
         metrics.CLAIMED.inc(len(claims))
         if not claims:
             return 0
+        batch, later = self._jobs(claims, records)
+        for action in later:
+            action()
+        self.commit(batch)
+        return len(claims)
+
+    def _jobs(self, claims: list[Claim], records: list[StoredEvent]) -> tuple[Batch, list[Callable[[], None]]]:
+        """What to record for each claimed saga, and what to do instead, once no transaction is open,
+        for those that cannot run here now (touching their rows within one would wait on itself)."""
         batch = Batch()
+        later: list[Callable[[], None]] = []
         aggregates, broken = self.repository.fold_each(records)
         for claim in claims:
             uuid = claim.saga_uuid
@@ -123,12 +155,12 @@ class Bookkeeper:
             if self.attempts.busy(uuid):
                 # Still running here (a stalled round let its lease lapse), or a timed-out thread of it
                 # has not returned: never run two attempts of one saga at once; look again shortly.
-                later = utcnow() + timedelta(seconds=self.state.poll_interval)
+                soon = utcnow() + timedelta(seconds=self.state.poll_interval)
                 due = aggregate.run.due_at if aggregate is not None else None
-                self.release_row(uuid, claim.version, max(later, due or later))
+                later.append(functools.partial(self.release_row, uuid, claim.version, max(soon, due or soon)))
                 continue
             if uuid in broken:
-                self.set_aside(uuid, claim.version, broken[uuid][1])
+                later.append(functools.partial(self.set_aside, uuid, claim.version, broken[uuid][1]))
                 continue
             if aggregate is None:  # pragma: no cover - a row always follows its events
                 continue
@@ -136,7 +168,39 @@ class Bookkeeper:
                 self.state.log.error("saga not registered in this worker", saga=aggregate.run.saga)
                 continue  # the lease expires and a worker that knows the saga takes it
             batch.jobs[uuid] = Job(aggregate, self.advance())
-        self.commit(batch)
+        return batch, later
+
+    def _claim_recorded(self, now: datetime, lease_until: datetime, limit: int) -> int | None:
+        """Claim and save in one transaction; how many sagas it claimed (``None``: it was undone)."""
+        found: list[tuple[list[Claim], list[Callable[[], None]], Decided]] = []
+
+        def record(claims: list[Claim], records: list[StoredEvent]) -> tuple[list[StoredEvent], list[IndexEntry]]:
+            batch, later = self._jobs(claims, records)
+            decided = self._decide_all(batch, load=False)
+            found.append((claims, later, decided))
+            return self.repository.stored([a for a, _ in decided.results.values() if a.pending_events])
+
+        try:
+            self.repository.index.claim_recorded(self.state.worker_id, now, lease_until, limit, record)
+        except Exception as error:
+            if is_transient(error) and not isinstance(error, IntegrityError):
+                raise
+            self.state.stats["batch_errors"] += 1
+            self.state.log.warning("claim and save in one transaction failed; claiming again", error=describe(error))
+            return None
+        if not found:
+            return 0
+        claims, later, decided = found[0]
+        metrics.CLAIMED.inc(len(claims))
+        recorded: dict[UUID, list[Any]] = {}
+        for aggregate, _ in decided.results.values():
+            if aggregate.pending_events:
+                recorded[aggregate.id] = list(aggregate.collect_events())
+        for action in later:  # (the save was the claim's own transaction: no second one to count)
+            action()
+        for failure in decided.failures:
+            self.set_aside(*failure)
+        self._finish(decided.results, recorded)
         return len(claims)
 
     def record_finished(self) -> int:
@@ -171,24 +235,11 @@ class Bookkeeper:
         Whatever goes wrong with one saga (its history does not load, its intent raises, its
         events or status cannot be stored) is confined to it: the others are recorded without it.
         """
-        stale = [uuid for uuid, job in batch.jobs.items() if job.aggregate is None]
-        fresh, broken = self.repository.load_many(stale)
-        results: dict[UUID, tuple[SagaAggregate, Work | None]] = {}
-        aside: set[UUID] = set(broken)
-        for uuid, job in batch.jobs.items():
-            if uuid in broken:
-                self.set_aside(uuid, *broken[uuid])
-                continue
-            aggregate = job.aggregate or fresh[uuid]
-            try:
-                work = self._decide(job.intent, aggregate)
-            except DecisionFailed as failure:
-                aside.add(uuid)
-                self.set_aside(uuid, failure.version, str(failure), failure.error)
-                continue
-            # A reloaded saga may show an attempt whose claim this worker saved in a round that then
-            # failed (the commit landed, its acknowledgement was lost): run it.
-            results[uuid] = (aggregate, work or (None if aggregate.pending_events else self.adopt(aggregate)))
+        decided = self._decide_all(batch)
+        for failure in decided.failures:
+            self.set_aside(*failure)
+        aside = {failure[0] for failure in decided.failures}
+        results = decided.results
         changed = [aggregate for aggregate, _ in results.values() if aggregate.pending_events]
         recorded = {a.id: list(a.pending_events) for a in changed}
         try:
@@ -208,6 +259,33 @@ class Bookkeeper:
                 if redone is not None:
                     results[uuid] = (redone[0], redone[1])
                     recorded[uuid] = redone[2]
+        self._finish(results, recorded)
+
+    def _decide_all(self, batch: Batch, *, load: bool = True) -> Decided:
+        """Apply every job's intent (loading the sagas not in hand, unless ``load`` is false); the
+        sagas that cannot be loaded or decided are returned as failures, to set aside."""
+        stale = [uuid for uuid, job in batch.jobs.items() if job.aggregate is None]
+        fresh, broken = self.repository.load_many(stale) if load else ({}, {})
+        decided = Decided()
+        for uuid, job in batch.jobs.items():
+            if uuid in broken:
+                decided.failures.append((uuid, *broken[uuid], None))
+                continue
+            aggregate = job.aggregate or fresh.get(uuid)
+            if aggregate is None:  # pragma: no cover - jobs without an aggregate are always loaded
+                continue
+            try:
+                work = self._decide(job.intent, aggregate)
+            except DecisionFailed as failure:
+                decided.failures.append((uuid, failure.version, str(failure), failure.error))
+                continue
+            # A reloaded saga may show an attempt whose claim this worker saved in a round that then
+            # failed (the commit landed, its acknowledgement was lost): run it.
+            decided.results[uuid] = (aggregate, work or (None if aggregate.pending_events else self.adopt(aggregate)))
+        return decided
+
+    def _finish(self, results: dict[UUID, tuple[SagaAggregate, Work | None]], recorded: dict[UUID, list[Any]]) -> None:
+        """After a save: log what it recorded, hand back rows with nothing due, start the attempts claimed."""
         for uuid, events in recorded.items():
             log_recorded(self.state.log, results[uuid][0], events, self.attempts.running.get(uuid))
         for uuid, (aggregate, work) in results.items():
