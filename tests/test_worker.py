@@ -336,3 +336,31 @@ def test_a_failed_one_transaction_claim_is_undone_whole_and_claimed_again(
     assert worker.stats["batch_errors"] == 1
     assert status.state is SagaState.COMPLETED
     assert took < 10  # not after a 600 s lease
+
+
+def test_an_idle_worker_claims_apart_while_another_writer_holds_the_events_table(pg_url: str) -> None:
+    """When another writer holds the events table, the claim commits alone (it never waits for the
+    table while holding its rows) and the first step's start is saved apart, once the table is free."""
+    import psycopg
+
+    with Orchestrator(sagas=[Two], database=pg_url) as orch:
+        saga_id = orch.start(Two, {"n": 1})
+        recorder: Any = orch.repository.store.recorder
+        events = f'"{recorder.datastore.schema}"."{recorder.events_table_name}"'
+        work = f'"{recorder.datastore.schema}".saga_work'
+        holder = psycopg.connect(pg_url.split("?")[0])
+        holder.execute(f"LOCK TABLE {events} IN EXCLUSIVE MODE")
+        worker = Worker(orch, poll_interval=0.01)
+        thread = threading.Thread(target=worker.run, kwargs={"drain": True})
+        thread.start()
+        time.sleep(0.5)  # the claim is in; the save of the first step's start waits for the table
+        with psycopg.connect(pg_url.split("?")[0], autocommit=True) as reader:
+            row = reader.execute(f"SELECT lease_owner FROM {work}").fetchone()
+        holder.rollback()
+        holder.close()
+        thread.join(20)
+        status = orch.status(saga_id)
+    assert row is not None
+    assert row[0] == worker.worker_id  # the claim committed on its own
+    assert status.state is SagaState.COMPLETED
+    assert worker.stats["saves"] == 3  # the first step's start, then each outcome

@@ -171,9 +171,11 @@ class SagaIndex(ABC):
         lease_until: datetime,
         limit: int,
         record: Callable[[list[Claim], list[StoredEvent]], tuple[list[StoredEvent], list[IndexEntry]]],
-    ) -> None:
+    ) -> tuple[list[Claim], list[StoredEvent]] | None:
         """``claim_loaded``, then the events and index rows ``record`` makes of what it claimed,
-        written in the same transaction; anything raised undoes it all, the claim included."""
+        written in the same transaction (``None``); anything raised undoes it all, the claim
+        included. A backend that cannot write them now commits the claim alone and returns it
+        (as ``claim_loaded`` would), for the caller to save apart."""
         raise NotImplementedError(f"{type(self).__name__} claims and saves in two transactions")
 
     @abstractmethod

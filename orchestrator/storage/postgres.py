@@ -269,19 +269,27 @@ class PostgresIndexRecorder(SqlIndex, PostgresProcessRecorder):
         lease_until: datetime,
         limit: int,
         record: Callable[[list[Claim], list[StoredEvent]], tuple[list[StoredEvent], list[IndexEntry]]],
-    ) -> None:
-        # The events table's lock comes first, as in every other write (events, then work rows):
-        # taken after the claim's row locks, it would deadlock with a command saving meanwhile.
+    ) -> tuple[list[Claim], list[StoredEvent]] | None:
+        # Here the claim's row locks come first and the events table's second, the other way round
+        # from every save: so the table is only tried (NOWAIT), never waited for, and no deadlock
+        # can form. If another writer holds it, the claim commits alone and is returned for the
+        # caller to save apart; and a claim that finds nothing never touches the table's lock.
         params = {"owner": owner, "until": lease_until, "now": now, "limit": limit}
         with self.datastore.get_connection() as conn, conn.transaction(), conn.cursor() as curs:
-            self._lock_table(curs)
             rows = self.rows(curs, "claim_loaded", params)
-            if not rows:
-                return
             claims = list({uuid: Claim(uuid, version) for uuid, version, *_ in rows}.values())
-            stored, entries = record(claims, [StoredEvent(u, v, topic, bytes(state)) for u, _, v, topic, state in rows])
+            records = [StoredEvent(uuid, v, topic, bytes(state)) for uuid, _, v, topic, state in rows]
+            if not claims:
+                return claims, records
+            try:
+                with conn.transaction():
+                    curs.execute(self.compiled["lock_events_nowait"], prepare=True)
+            except psycopg.errors.LockNotAvailable:
+                return claims, records
+            stored, entries = record(claims, records)
             if entries:
                 self._insert_stored_events(curs, stored, index=entries)
+        return None
 
     def select_events_many(self, saga_uuids: list[UUID], *, first_only: bool = False) -> list[StoredEvent]:
         if not saga_uuids:

@@ -120,9 +120,10 @@ class Bookkeeper:
     def claim(self, limit: int) -> int:
         """Lease up to ``limit`` due sagas, record what is due for each in one save, start their attempts.
 
-        An idle worker whose storage can (PostgreSQL) claims and saves in one transaction: a
-        saga's first step starts one commit sooner. Should that transaction fail, it is undone
-        whole and the claim is made again in two, where trouble costs only the saga that has it.
+        An idle worker whose storage can (PostgreSQL) claims and saves in one transaction when
+        no other writer holds the events table: a saga's first step starts one commit sooner.
+        Should that transaction fail, it is undone whole and the claim is made again in two,
+        where trouble costs only the saga that has it.
         """
         now = utcnow()
         lease_until = now + timedelta(seconds=self.state.lease)
@@ -133,7 +134,10 @@ class Bookkeeper:
             claimed = self._claim_recorded(now, lease_until, min(limit, ONE_TRANSACTION_CLAIMS))
             if claimed is not None:
                 return claimed
-        claims, records = index.claim_loaded(self.state.worker_id, now, lease_until, limit)
+        return self._record_claims(*index.claim_loaded(self.state.worker_id, now, lease_until, limit))
+
+    def _record_claims(self, claims: list[Claim], records: list[StoredEvent]) -> int:
+        """Record what is due for each claimed saga in one save (the claim committed already)."""
         metrics.CLAIMED.inc(len(claims))
         if not claims:
             return 0
@@ -181,15 +185,15 @@ class Bookkeeper:
             return self.repository.stored([a for a, _ in decided.results.values() if a.pending_events])
 
         try:
-            self.repository.index.claim_recorded(self.state.worker_id, now, lease_until, limit, record)
+            apart = self.repository.index.claim_recorded(self.state.worker_id, now, lease_until, limit, record)
         except Exception as error:
             if is_transient(error) and not isinstance(error, IntegrityError):
                 raise
             self.state.stats["batch_errors"] += 1
             self.state.log.warning("claim and save in one transaction failed; claiming again", error=describe(error))
             return None
-        if not found:
-            return 0
+        if apart is not None:  # claimed, but the events table was busy: save apart
+            return self._record_claims(*apart)
         claims, later, decided = found[0]
         metrics.CLAIMED.inc(len(claims))
         recorded: dict[UUID, list[Any]] = {}

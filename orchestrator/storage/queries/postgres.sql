@@ -93,6 +93,10 @@ FROM (SELECT saga_uuid FROM {schema}.saga_work
       ORDER BY due_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED) c
 WHERE w.saga_uuid = c.saga_uuid RETURNING w.saga_uuid, w.version
 
+-- name: lock_events_nowait
+-- The events table's lock, as the library takes it before a save, or at once an error.
+LOCK TABLE {schema}.{events} IN EXCLUSIVE MODE NOWAIT
+
 -- name: claim_loaded
 -- The claim and the claimed sagas' histories in one round trip.
 WITH claimed AS (
