@@ -34,5 +34,7 @@ class Logged(Saga[Numbered]):
 
 
 def app() -> Orchestrator:
-    """The limited saga on the database named by SAGA_DATABASE_URL."""
+    """The limited saga on the database named by SAGA_DATABASE_URL (a worker's start is logged too)."""
+    if os.environ.get("LIMITS_LOG"):
+        Logged._write("ready")
     return Orchestrator(sagas=[Logged])

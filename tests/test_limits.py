@@ -236,11 +236,9 @@ def test_limits_must_be_a_limits() -> None:
             def work(self, job: Job) -> None: ...
 
 
-@pytest.mark.slow
-def test_two_worker_processes_never_run_more_than_the_limit(durable_url: str, tmp_path: Path) -> None:
-    """Two ``saga worker`` processes share a pool of 2: the steps' start and end times, written by both
-    processes, never overlap more than twice, and all 16 sagas complete."""
-    log = tmp_path / "steps.log"
+def _two_workers_share_a_pool(durable_url: str, log: Path) -> tuple[int, set[str]]:
+    """Two ``saga worker`` processes run 16 ``Logged`` sagas (a pool of 2); the most steps that ever
+    ran at once, and the processes that ran steps."""
     env = {
         **os.environ,
         "SAGA_DATABASE_URL": durable_url,
@@ -250,15 +248,21 @@ def test_two_worker_processes_never_run_more_than_the_limit(durable_url: str, tm
     }
     from tests.limits_app import Logged
 
-    with Orchestrator(sagas=[Logged], database=durable_url) as orch:
-        ids = [orch.start(Logged, {"n": i}) for i in range(16)]
     command = [sys.executable, "-m", "orchestrator", "--log-level", "warning", "worker", "--app"]
     workers = [
         subprocess.Popen([*command, "tests.limits_app:app"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         for _ in range(2)
     ]
     try:
+        # Both processes up before the sagas arrive: on a loaded machine one may start a second
+        # after the other, time enough for the first to run all 16 alone.
+        deadline = time.monotonic() + 60
+        while not log.exists() or log.read_text().count("ready") < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(1.0)  # each opens its storage and starts listening
         with Orchestrator(sagas=[Logged], database=durable_url) as orch:
+            ids = [orch.start(Logged, {"n": i}) for i in range(16)]
             deadline = time.monotonic() + 60
             while not all(orch.status(i).state.terminal for i in ids):
                 assert time.monotonic() < deadline
@@ -272,13 +276,28 @@ def test_two_worker_processes_never_run_more_than_the_limit(durable_url: str, tm
     moments = []
     for line in log.read_text().splitlines():
         kind, at, pid = line.split()
-        moments.append((float(at), 1 if kind == "start" else -1, pid))
+        if kind != "ready":
+            moments.append((float(at), 1 if kind == "start" else -1, pid))
     running = most = 0
     for _, change, _ in sorted(moments, key=lambda m: (m[0], m[1])):  # an end before a start at the same time
         running += change
         most = max(most, running)
-    assert most <= 2
-    assert len({pid for *_, pid in moments}) == 2  # both processes ran steps
+    return most, {pid for *_, pid in moments}
+
+
+@pytest.mark.slow
+def test_two_worker_processes_never_run_more_than_the_limit(durable_url: str, tmp_path: Path) -> None:
+    """Two ``saga worker`` processes share a pool of 2: the steps' start and end times, written by both
+    processes, never overlap more than twice, and all 16 sagas complete."""
+    # Which process claims which saga is up to the race between them; the limit must hold in every
+    # round, and in at least one both processes must have run steps (else it proved nothing).
+    rounds = []
+    for k in range(3):
+        rounds.append(_two_workers_share_a_pool(durable_url, tmp_path / f"steps-{k}.log"))
+        if len(rounds[-1][1]) == 2:
+            break
+    assert all(most <= 2 for most, _ in rounds)
+    assert len(rounds[-1][1]) == 2  # both processes ran steps
 
 
 class PerKeyHeld(Saga[Job]):

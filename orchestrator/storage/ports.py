@@ -93,6 +93,10 @@ class Claim:
     version: int
 
 
+RecordClaimed = Callable[[list[Claim], list[StoredEvent]], tuple[list[StoredEvent], list[IndexEntry]]]
+"""What a worker makes of the sagas it claimed: their new events and index rows (``claim_recorded``)."""
+
+
 class Waker(Protocol):
     """Sets a worker's wake-up event when another process records events."""
 
@@ -165,12 +169,7 @@ class SagaIndex(ABC):
     """Whether ``claim_recorded`` is available: a claim and the save it leads to in one transaction."""
 
     def claim_recorded(
-        self,
-        owner: str,
-        now: datetime,
-        lease_until: datetime,
-        limit: int,
-        record: Callable[[list[Claim], list[StoredEvent]], tuple[list[StoredEvent], list[IndexEntry]]],
+        self, owner: str, now: datetime, lease_until: datetime, limit: int, record: RecordClaimed
     ) -> tuple[list[Claim], list[StoredEvent]] | None:
         """``claim_loaded``, then the events and index rows ``record`` makes of what it claimed,
         written in the same transaction (``None``); anything raised undoes it all, the claim

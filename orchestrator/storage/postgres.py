@@ -21,7 +21,7 @@ from psycopg.sql import SQL, Composable, Composed, Identifier
 from orchestrator.errors import StorageError, StorageUnavailable
 from orchestrator.safety import redact_in
 from orchestrator.storage.named import Cursor, Queries, statements
-from orchestrator.storage.ports import APPLICATION_NAME, Claim, IndexEntry, ThreadWaker, Waker
+from orchestrator.storage.ports import APPLICATION_NAME, Claim, IndexEntry, RecordClaimed, ThreadWaker, Waker
 from orchestrator.storage.sql import SqlIndex
 
 QUERIES = Queries.load("postgres")
@@ -263,12 +263,7 @@ class PostgresIndexRecorder(SqlIndex, PostgresProcessRecorder):
     claims_with_save = True
 
     def claim_recorded(
-        self,
-        owner: str,
-        now: datetime,
-        lease_until: datetime,
-        limit: int,
-        record: Callable[[list[Claim], list[StoredEvent]], tuple[list[StoredEvent], list[IndexEntry]]],
+        self, owner: str, now: datetime, lease_until: datetime, limit: int, record: RecordClaimed
     ) -> tuple[list[Claim], list[StoredEvent]] | None:
         # Here the claim's row locks come first and the events table's second, the other way round
         # from every save: so the table is only tried (NOWAIT), never waited for, and no deadlock
