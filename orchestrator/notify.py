@@ -81,7 +81,7 @@ class Notifier:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
         self.added = 0
-        """Deliveries the last batch queued."""
+        """Deliveries the last batch queued (``Notifications.queue`` resets it before each batch)."""
 
     def record(self, changes: list[Change], tracking: Tracking, index: SagaIndex) -> None:
         deliveries: list[Delivery] = []
@@ -108,7 +108,6 @@ class Notifier:
                         body=body,
                     )
                 )
-        self.added = 0
         index.add_deliveries(deliveries, datetime.now(UTC), tracking)
         self.added = len(deliveries)
 
@@ -119,9 +118,8 @@ class Notifier:
 
 
 class Notifications:
-    """The side task workers run: queue the notifications of sagas that ended, and deliver due ones."""
-
-    name = "notifications"
+    """Completion notifications at work: queue those of sagas that ended, and deliver due ones
+    (workers run the halves as two side tasks, ``Queueing`` and ``Deliveries``)."""
 
     def __init__(
         self, repository: Repository, registry: Registry, secret: str | None, worker: str = "", lease: float = 30.0
@@ -137,16 +135,6 @@ class Notifications:
         self.client: httpx.Client | None = None
         self.queued_here = threading.Event()
         """Set when this process queued deliveries that ``Deliveries`` has not looked for yet."""
-
-    def run(self) -> float | None:
-        """One batch of the log, then up to 20 due deliveries; run again soon if there was work.
-
-        A running worker runs only the first half (``queue``) in its loop, and the deliveries,
-        which wait on receivers and on users' hooks, as a task of their own (``Deliveries``).
-        """
-        queued = self.queue()
-        delivered = self.deliver(20)
-        return 0.05 if queued or delivered else 1.0
 
     def queue(self) -> int:
         """Queue the notifications of one batch of the log; how many notifications it read."""

@@ -90,9 +90,10 @@ def settings() -> Settings:
 
 
 def deliver(orch: Orchestrator, rounds: int = 20) -> None:
-    """Run the notification task until nothing is left to do now."""
+    """Queue and deliver notifications until nothing is left to do now."""
     for _ in range(rounds):
-        if orch.notifications.run() == 1.0:
+        queued = orch.notifications.queue()
+        if not orch.notifications.deliver(20) and not queued:
             return
 
 
